@@ -1,0 +1,24 @@
+"""fastllm: fused Triton GPU and C++/OpenMP CPU kernels for Transformer models, as torch ops.
+
+Every op is a torch op in the fastllm:: namespace (torch.ops.fastllm.<name>) with a fake (torch.compile,
+meta tensors) and autograd, dispatched by device: CUDA -> Triton, CPU -> C++, anything a fast kernel cannot
+take -> the plain-PyTorch reference beside the op. See `fastllm.backend` and `fastllm.explain`.
+"""
+
+from fastllm import nn
+from fastllm._backend import Dispatch, backend, explain, get_backend
+from fastllm.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dispatch",
+    "add_layer_norm",
+    "add_rms_norm",
+    "backend",
+    "explain",
+    "get_backend",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+]

@@ -1,0 +1,37 @@
+"""Loads the C++ extension fastllm._C once, or says why it is not there.
+
+Without it (no compiler at install time, FASTLLM_NO_CPP=1, a stale build) fastllm still imports, warns
+once, and CPU ops take the reference path.
+"""
+
+import os
+import warnings
+
+import torch
+
+ABI = 1  # must equal kAbi in kernels/cpp/bindings.cpp
+
+# dtype codes shared with kernels/cpp/common.h (enum DType)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _load():
+    if os.environ.get("FASTLLM_NO_CPP", "0") == "1":
+        return None, "disabled by FASTLLM_NO_CPP=1"
+    try:
+        from fastllm import _C
+    except ImportError as e:
+        return None, f"fastllm._C did not import ({e}); reinstall with a C++ compiler (pip install .)"
+    if getattr(_C, "ABI", None) != ABI:
+        return None, f"fastllm._C is a stale build (ABI {getattr(_C, 'ABI', None)}, expected {ABI}); reinstall"
+    return _C, f"loaded ({_C.isa()})"
+
+
+C, STATUS = _load()
+if C is None:
+    warnings.warn(f"fastllm: C++ extension not available: {STATUS}. CPU ops use the reference path.", stacklevel=2)
+
+
+def num_threads() -> int:
+    """OpenMP threads for a kernel call: follows torch.get_num_threads()."""
+    return max(1, torch.get_num_threads())

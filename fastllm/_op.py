@@ -1,0 +1,115 @@
+"""The op framework: declare an op once and get a real torch op with validation, dispatch, fake and autograd.
+
+    op = define_op(
+        "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor",
+        validate=...,    # raises ValueError/TypeError; runs before any kernel and in the fake (compile, meta)
+        reference=...,   # plain PyTorch, any device and dtype: the fallback and the test oracle
+        cpp=Kernel(run, unsupported), triton=Kernel(run, unsupported),
+        fake=...,        # output metadata only
+        backward=..., setup_context=...,   # torch.library.register_autograd, optional
+    )
+
+All callables take the op's arguments in schema order; the first argument is the tensor whose device
+picks the backend. `Kernel.unsupported(*args)` returns why that kernel cannot take these arguments (a
+string) or None; then the call goes to the reference and `fastllm.explain` shows the reason.
+"""
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastllm import _backend, _ext
+
+
+@dataclass(frozen=True)
+class Kernel:
+    run: Callable
+    unsupported: Callable[..., str | None] = lambda *args: None
+
+
+@functools.cache
+def triton_missing() -> str | None:
+    """Why Triton cannot be used at all in this process, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(name: str, kernel: Kernel | None, device: str, args) -> str | None:
+    if kernel is None:
+        return f"no {name} kernel for this op"
+    if name == "cpp":
+        if device != "cpu":
+            return f"the C++ kernels take CPU tensors, got {device}"
+        if _ext.C is None:
+            return f"C++ extension not available: {_ext.STATUS}"
+    elif name == "triton":
+        missing = triton_missing()
+        if missing:
+            return missing
+        if device == "cpu" and not triton_interpret():
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1 (set before fastllm's kernels are imported)"
+        if device not in ("cuda", "cpu"):
+            return f"no Triton kernels for {device} tensors"
+    return kernel.unsupported(*args)
+
+
+def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
+    """(backend, run or None for the reference, reason)."""
+    device = args[0].device.type
+    wanted = _backend.get_backend()
+    if wanted == "reference":
+        return "reference", None, "backend 'reference' requested"
+    if wanted == "auto":
+        order = {"cuda": ["triton"], "cpu": ["cpp"]}.get(device, [])
+    else:
+        order = [wanted]
+    reasons = []
+    for name in order:
+        why = _why_not(name, kernels.get(name), device, args)
+        if why is None:
+            detail = f"{_ext.C.isa()} kernel" if name == "cpp" else ("interpreter" if device == "cpu" else "GPU kernel")
+            return name, kernels[name].run, detail
+        reasons.append(f"{name}: {why}")
+    return "reference", None, "; ".join(reasons) or f"no fast kernel for {device} tensors"
+
+
+def define_op(
+    schema: str,
+    *,
+    validate: Callable,
+    reference: Callable,
+    fake: Callable,
+    cpp: Kernel | None = None,
+    triton: Kernel | None = None,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+):
+    """Register `fastllm::<schema>` as a torch.library.custom_op and return it (callable like a function)."""
+    name = schema.split("(", 1)[0]
+    kernels = {"cpp": cpp, "triton": triton}
+
+    def impl(*args):
+        validate(*args)
+        backend_name, run, reason = _choose(kernels, args)
+        if _backend.recording():
+            _backend.record(name, backend_name, reason, args[0])
+        return reference(*args) if run is None else run(*args)
+
+    def fake_impl(*args):
+        validate(*args)
+        return fake(*args)
+
+    op = torch.library.custom_op(f"fastllm::{name}", impl, mutates_args=(), schema=schema[len(name) :])
+    op.register_fake(fake_impl)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op

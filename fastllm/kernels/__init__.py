@@ -1,0 +1,1 @@
+"""Kernel sources shipped with fastllm: fastllm.kernels.triton is the repository's kernels/triton."""

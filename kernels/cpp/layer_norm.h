@@ -1,0 +1,104 @@
+// Fused (add +) LayerNorm / RMSNorm on the CPU: argument blocks and the OpenMP drivers shared by the
+// portable (layer_norm.cpp) and AVX2 (layer_norm_avx2.cpp) row kernels.
+//
+// Glossary: M rows (all leading dims flattened), N hidden size, T storage type (fp32 / bf16 / fp16),
+// h = x + residual (rounded to T) or x itself, xhat = (h - mean) * rstd (LN) or h * rstd (RMS).
+// Statistics and all arithmetic are fp32; each output is rounded once into T.
+#pragma once
+
+#include <omp.h>
+
+#include "common.h"
+
+namespace fastllm {
+
+struct NormFwd {
+  void* out;          // (M, N) contiguous, T
+  void* h;            // (M, N) contiguous, T: x + residual; null when there is no residual
+  const void* x;      // (M, N), row stride x_stride
+  const void* res;    // (M, N), row stride res_stride, or null
+  const void* w;      // (N,) or null (= 1)
+  const void* b;      // (N,) or null (= 0)
+  int64_t M, N, x_stride, res_stride;
+  float eps;
+  bool rms;           // RMSNorm: no mean subtraction, no bias
+  bool stream;        // non-temporal stores for outputs that will not fit in cache
+  int dtype;          // DType
+  int nthreads;
+};
+
+struct NormBwd {
+  void* dx;           // (M, N) contiguous, T
+  void* dw;           // (N,) T or null
+  void* db;           // (N,) T or null
+  const void* dy;     // (M, N), row stride dy_stride
+  const void* dh;     // (M, N), row stride dh_stride, or null: gradient flowing straight into h
+  const void* h;      // (M, N), row stride h_stride: the normalized input, stats are recomputed from it
+  const void* w;      // (N,) or null
+  int64_t M, N, dy_stride, dh_stride, h_stride;
+  float eps;
+  bool rms;
+  bool stream;
+  int dtype;
+  int nthreads;
+};
+
+void norm_fwd_scalar(const NormFwd& a);
+void norm_bwd_scalar(const NormBwd& a);
+void norm_fwd_avx2(const NormFwd& a);
+void norm_bwd_avx2(const NormBwd& a);
+
+namespace {  // internal linkage: each TU instantiates its own copy (see common.h)
+
+// Per-thread scratch, in floats, padded to whole 8-lane vectors: the fp32 row, the fp32 weight and bias.
+inline int64_t fwd_scratch(int64_t N) { return 3 * round_up8(N); }
+
+// Rows are split into one contiguous range per thread (static, so results do not depend on timing).
+template <class Rows>
+void run_norm_fwd(const NormFwd& a) {
+  const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
+  const int64_t per = fwd_scratch(a.N);
+  float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    Rows::fwd(a, a.M * t / T, a.M * (t + 1) / T, scratch + t * per);
+  }
+  std::free(scratch);
+}
+
+// Backward: rows split as in forward; each thread accumulates dw/db partial sums over its rows in its own
+// fp32 vectors, then the partials are summed over threads in a fixed order (deterministic for a given
+// thread count) and rounded into T.
+template <class Rows, class S>
+void run_norm_bwd(const NormBwd& a) {
+  using T = typename S::T;
+  const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
+  const int64_t Np = round_up8(a.N);
+  const int64_t per = 5 * Np;  // row, g, weight, dw partial, db partial
+  float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
+  std::memset(scratch, 0, sizeof(float) * static_cast<size_t>(nt) * per);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    Rows::bwd(a, a.M * t / T_, a.M * (t + 1) / T_, scratch + t * per);
+  }
+  if (a.dw != nullptr || a.db != nullptr) {
+    T* dw = static_cast<T*>(a.dw);
+    T* db = static_cast<T*>(a.db);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t j = 0; j < a.N; ++j) {
+      float sw = 0.f, sb = 0.f;
+      for (int t = 0; t < nt; ++t) {
+        sw += scratch[t * per + 3 * Np + j];
+        sb += scratch[t * per + 4 * Np + j];
+      }
+      if (dw != nullptr) dw[j] = S::from(sw);
+      if (db != nullptr) db[j] = S::from(sb);
+    }
+  }
+  std::free(scratch);
+}
+
+}  // namespace
+}  // namespace fastllm

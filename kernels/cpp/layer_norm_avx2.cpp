@@ -1,0 +1,287 @@
+// Fused (add +) LayerNorm / RMSNorm, AVX2 + FMA + F16C path. Same math and pass structure as
+// layer_norm.cpp (see there); this file adds 8-wide vectors, two accumulators per reduction, fp16/bf16
+// conversion in registers and non-temporal stores for outputs too large to stay in cache.
+//
+// Memory traffic per row (the op is bandwidth bound): read x (+ residual), write out (+ h); every
+// other pass re-reads the fp32 copy of the row from L1/L2. With `stream`, output stores bypass the cache
+// (no read-for-ownership), which is what lets the fused add+norm move 4 streams instead of eager's 7.
+//
+// Compiled with -mavx2 -mfma -mf16c; only reached when cpu_features.cpp saw AVX2, FMA and F16C.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "layer_norm.h"
+
+namespace fastllm {
+namespace {
+
+// Storage policies: P is the packed (storage) vector of 8 elements.
+struct F32v {
+  using T = float;
+  using P = __m256;
+  static P loadp(const float* p) { return _mm256_loadu_ps(p); }
+  static __m256 unpack(P p) { return p; }
+  static P pack(__m256 v) { return v; }
+  static void storep(float* p, P v, bool stream) {
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
+      _mm256_stream_ps(p, v);
+    else
+      _mm256_storeu_ps(p, v);
+  }
+};
+
+struct BF16v {
+  using T = uint16_t;
+  using P = __m128i;
+  static P loadp(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+  static __m256 unpack(P p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(p), 16)); }
+  // round to nearest even on the bit pattern; NaN lanes keep their top half with the quiet bit set
+  static P pack(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256i qnan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    r = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i hi = _mm256_srli_epi32(r, 16);  // 8 x u32 in [0, 0xffff]
+    // packus works per 128-bit lane: (a0..a3 a0..a3 | a4..a7 a4..a7) -> gather qwords 0 and 2
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0xd8));
+  }
+  static void storep(uint16_t* p, P v, bool stream) {
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
+  }
+};
+
+struct F16v : BF16v {
+  static __m256 unpack(P p) { return _mm256_cvtph_ps(p); }
+  static P pack(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes [0, rem) all ones: masks the padded tail of the last vector out of reductions.
+inline __m256 tail_mask(int64_t rem) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), idx));
+}
+
+// Tail of a row (rem < 8 elements) through a zero-padded stack buffer, so the main loops stay full-width.
+template <class S>
+inline __m256 load_tail(const typename S::T* p, int64_t rem) {
+  alignas(32) typename S::T tmp[8] = {};
+  std::memcpy(tmp, p, static_cast<size_t>(rem) * sizeof(typename S::T));
+  return S::unpack(S::loadp(tmp));
+}
+
+template <class S>
+inline void store_tail(typename S::T* p, typename S::P v, int64_t rem) {
+  alignas(32) typename S::T tmp[8];
+  S::storep(tmp, v, false);
+  std::memcpy(p, tmp, static_cast<size_t>(rem) * sizeof(typename S::T));
+}
+
+// Widen n elements (or fill with `fill` when p is null) into an fp32 buffer padded with zeros to 8.
+template <class S>
+inline void widen(float* dst, const typename S::T* p, int64_t n, float fill) {
+  const int64_t nv = n / 8 * 8;
+  for (int64_t j = 0; j < nv; j += 8)
+    _mm256_store_ps(dst + j, p ? S::unpack(S::loadp(p + j)) : _mm256_set1_ps(fill));
+  if (n > nv) {
+    const __m256 m = tail_mask(n - nv);
+    const __m256 v = p ? load_tail<S>(p + nv, n - nv) : _mm256_set1_ps(fill);
+    _mm256_store_ps(dst + nv, _mm256_and_ps(v, m));
+  }
+}
+
+template <class S>
+struct Avx2Rows {
+  using T = typename S::T;
+
+  // scratch: row (Np) | weight (Np) | bias (Np), all fp32, 32-byte aligned, zero padded
+  static void fwd(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
+    const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
+    float* row = scratch;
+    float* wf = scratch + Np;
+    float* bf = scratch + 2 * Np;
+    widen<S>(wf, static_cast<const T*>(a.w), N, 1.f);
+    widen<S>(bf, static_cast<const T*>(a.b), N, 0.f);
+    const __m256 mask = tail_mask(rem);
+    const float inv_n = 1.f / static_cast<float>(N);
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* x = static_cast<const T*>(a.x) + i * a.x_stride;
+      const T* r = a.res ? static_cast<const T*>(a.res) + i * a.res_stride : nullptr;
+      T* h = a.h ? static_cast<T*>(a.h) + i * N : nullptr;
+      T* y = static_cast<T*>(a.out) + i * N;
+      // pass 1: h = round_T(x + r) -> row (fp32) and the h output; s = sum(h) or sum(h^2)
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j < nv; j += 8) {
+        __m256 v = S::unpack(S::loadp(x + j));  // (8,)
+        if (r) {
+          const typename S::P hp = S::pack(_mm256_add_ps(v, S::unpack(S::loadp(r + j))));
+          S::storep(h + j, hp, a.stream);
+          v = S::unpack(hp);
+        }
+        _mm256_store_ps(row + j, v);
+        if (j & 8)
+          s1 = a.rms ? _mm256_fmadd_ps(v, v, s1) : _mm256_add_ps(s1, v);
+        else
+          s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+      }
+      if (rem) {  // padded lanes load as 0 (and 0 + 0 rounds to 0), so they add nothing to s
+        __m256 v = load_tail<S>(x + j, rem);
+        if (r) {
+          const typename S::P hp = S::pack(_mm256_add_ps(v, load_tail<S>(r + j, rem)));
+          store_tail<S>(h + j, hp, rem);
+          v = S::unpack(hp);
+        }
+        _mm256_store_ps(row + j, v);
+        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+      }
+      float mean = 0.f, rstd;
+      if (a.rms) {
+        rstd = 1.f / std::sqrt(hsum(_mm256_add_ps(s0, s1)) * inv_n + a.eps);
+      } else {  // pass 2: variance about the mean, from the fp32 row in cache
+        mean = hsum(_mm256_add_ps(s0, s1)) * inv_n;
+        const __m256 mv = _mm256_set1_ps(mean);
+        __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+        for (j = 0; j + 16 <= nv; j += 16) {
+          const __m256 d0 = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
+          const __m256 d1 = _mm256_sub_ps(_mm256_load_ps(row + j + 8), mv);
+          q0 = _mm256_fmadd_ps(d0, d0, q0);
+          q1 = _mm256_fmadd_ps(d1, d1, q1);
+        }
+        for (; j < nv; j += 8) {
+          const __m256 d = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
+          q0 = _mm256_fmadd_ps(d, d, q0);
+        }
+        if (rem) {
+          const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), mask);
+          q0 = _mm256_fmadd_ps(d, d, q0);
+        }
+        rstd = 1.f / std::sqrt(hsum(_mm256_add_ps(q0, q1)) * inv_n + a.eps);
+      }
+      // pass 3: y = (h - mean) * rstd * w + b
+      const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
+      for (j = 0; j < nv; j += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
+        const __m256 v = _mm256_fmadd_ps(xh, _mm256_load_ps(wf + j), _mm256_load_ps(bf + j));
+        S::storep(y + j, S::pack(v), a.stream);
+      }
+      if (rem) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
+        store_tail<S>(y + j, S::pack(_mm256_fmadd_ps(xh, _mm256_load_ps(wf + j), _mm256_load_ps(bf + j))), rem);
+      }
+    }
+    if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller reads the outputs
+  }
+
+  // scratch: row (Np) | g (Np) | weight (Np) | dw partial (Np) | db partial (Np), zeroed by the driver
+  static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
+    const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
+    float* row = scratch;
+    float* gb = scratch + Np;
+    float* wf = scratch + 2 * Np;
+    float* dwp = scratch + 3 * Np;
+    float* dbp = scratch + 4 * Np;
+    widen<S>(wf, static_cast<const T*>(a.w), N, 1.f);
+    const __m256 mask = tail_mask(rem);
+    const float inv_n = 1.f / static_cast<float>(N);
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* hr = static_cast<const T*>(a.h) + i * a.h_stride;
+      const T* dy = static_cast<const T*>(a.dy) + i * a.dy_stride;
+      const T* dh = a.dh ? static_cast<const T*>(a.dh) + i * a.dh_stride : nullptr;
+      T* dx = static_cast<T*>(a.dx) + i * N;
+      // pass 1: h -> row (fp32, zero padded), sum or sum of squares
+      __m256 s0 = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j < nv; j += 8) {
+        const __m256 v = S::unpack(S::loadp(hr + j));
+        _mm256_store_ps(row + j, v);
+        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+      }
+      if (rem) {
+        const __m256 v = load_tail<S>(hr + j, rem);
+        _mm256_store_ps(row + j, v);
+        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+      }
+      float mean = 0.f, rstd;
+      if (a.rms) {
+        rstd = 1.f / std::sqrt(hsum(s0) * inv_n + a.eps);
+      } else {  // pass 2: variance
+        mean = hsum(s0) * inv_n;
+        const __m256 mv = _mm256_set1_ps(mean);
+        __m256 q0 = _mm256_setzero_ps();
+        for (j = 0; j < nv; j += 8) {
+          const __m256 d = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
+          q0 = _mm256_fmadd_ps(d, d, q0);
+        }
+        if (rem) {
+          const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), mask);
+          q0 = _mm256_fmadd_ps(d, d, q0);
+        }
+        rstd = 1.f / std::sqrt(hsum(q0) * inv_n + a.eps);
+      }
+      // pass 3: xhat, g = dy * w, sums of g and g*xhat, dw/db partials. Padded lanes have dy = 0, so
+      // g = 0 there and they add nothing (xhat is finite: the padded row is 0).
+      const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
+      __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
+      for (j = 0; j < Np; j += 8) {
+        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
+        const __m256 d = j < nv ? S::unpack(S::loadp(dy + j)) : load_tail<S>(dy + j, rem);
+        const __m256 g = _mm256_mul_ps(d, _mm256_load_ps(wf + j));
+        sg = _mm256_add_ps(sg, g);
+        sgx = _mm256_fmadd_ps(g, xh, sgx);
+        _mm256_store_ps(dwp + j, _mm256_fmadd_ps(d, xh, _mm256_load_ps(dwp + j)));
+        _mm256_store_ps(dbp + j, _mm256_add_ps(d, _mm256_load_ps(dbp + j)));
+        _mm256_store_ps(row + j, xh);
+        _mm256_store_ps(gb + j, g);
+      }
+      const __m256 c1 = _mm256_set1_ps(hsum(sgx) * inv_n);
+      const __m256 c2 = _mm256_set1_ps(a.rms ? 0.f : hsum(sg) * inv_n);
+      // pass 4: dx = rstd * (g - c2 - xhat * c1) (+ dh)
+      for (j = 0; j < nv; j += 8) {
+        const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
+        __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
+        if (dh) v = _mm256_add_ps(v, S::unpack(S::loadp(dh + j)));
+        S::storep(dx + j, S::pack(v), a.stream);
+      }
+      if (rem) {
+        const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
+        __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
+        if (dh) v = _mm256_add_ps(v, load_tail<S>(dh + j, rem));
+        store_tail<S>(dx + j, S::pack(v), rem);
+      }
+    }
+    if (a.stream) _mm_sfence();
+  }
+};
+
+}  // namespace
+
+void norm_fwd_avx2(const NormFwd& a) {
+  switch (a.dtype) {
+    case kF32: return run_norm_fwd<Avx2Rows<F32v>>(a);
+    case kBF16: return run_norm_fwd<Avx2Rows<BF16v>>(a);
+    default: return run_norm_fwd<Avx2Rows<F16v>>(a);
+  }
+}
+
+void norm_bwd_avx2(const NormBwd& a) {
+  switch (a.dtype) {
+    case kF32: return run_norm_bwd<Avx2Rows<F32v>, F32s>(a);
+    case kBF16: return run_norm_bwd<Avx2Rows<BF16v>, BF16s>(a);
+    default: return run_norm_bwd<Avx2Rows<F16v>, F16s>(a);
+  }
+}
+
+}  // namespace fastllm

@@ -1,0 +1,51 @@
+// Ceiling probes for the benchmark harness: a multi-threaded large copy (memory bandwidth) and an FMA
+// loop (compute peak). They measure the machine, not an op; benchmarks report "% of ceiling" against them.
+#include <omp.h>
+
+#include "common.h"
+
+namespace fastllm {
+
+float fma_loop_avx2(int64_t iters);
+
+// Each thread copies one contiguous chunk with memcpy (glibc switches to non-temporal stores for large
+// sizes, so this is the best copy this machine does, not a read-for-ownership bound one).
+void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t lo = nbytes * t / T / 64 * 64, hi = (t + 1 == T) ? nbytes : nbytes * (t + 1) / T / 64 * 64;
+    std::memcpy(static_cast<char*>(dst) + lo, static_cast<const char*>(src) + lo, static_cast<size_t>(hi - lo));
+  }
+}
+
+// Portable FMA loop: 8 independent accumulator chains (2 flops per step each).
+static float fma_loop_scalar(int64_t iters) {
+  float a[8] = {1.f, 1.1f, 1.2f, 1.3f, 1.4f, 1.5f, 1.6f, 1.7f};
+  const float m = 0.9999999f, c = 1e-7f;
+  for (int64_t i = 0; i < iters; ++i)
+    for (int k = 0; k < 8; ++k) a[k] = a[k] * m + c;
+  return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+// Runs the FMA loop on nthreads threads; returns flops per thread per iteration (the caller times it).
+double fma_loop(int64_t iters, int nthreads, bool avx2) {
+  float sink = 0.f;
+#pragma omp parallel num_threads(nthreads) reduction(+ : sink)
+  {
+#if defined(FASTLLM_HAVE_AVX2)
+    sink += avx2 ? fma_loop_avx2(iters) : fma_loop_scalar(iters);
+#else
+    (void)avx2;
+    sink += fma_loop_scalar(iters);
+#endif
+  }
+  if (sink == 12345.f) return 0.0;  // keeps the loop alive
+#if defined(FASTLLM_HAVE_AVX2)
+  return avx2 ? 10.0 * 8 * 2 : 8.0 * 2;
+#else
+  return 8.0 * 2;
+#endif
+}
+
+}  // namespace fastllm
