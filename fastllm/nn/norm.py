@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import nn
 
-from fastllm.ops import layer_norm as ops
+from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 
 def _shape(normalized_shape) -> tuple[int, ...]:
@@ -56,8 +56,8 @@ class LayerNorm(_Norm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         w, b = self._param(self.weight), self._param(self.bias)
         if residual is None:
-            return ops.layer_norm(self._flat(x), w, b, self.eps).view(x.shape)
-        out, h = ops.add_layer_norm(self._flat(x), self._flat(residual), w, b, self.eps)
+            return layer_norm(self._flat(x), w, b, self.eps).view(x.shape)
+        out, h = add_layer_norm(self._flat(x), self._flat(residual), w, b, self.eps)
         return out.view(x.shape), h.view(x.shape)
 
 
@@ -79,6 +79,6 @@ class RMSNorm(_Norm):
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         w = self._param(self.weight)
         if residual is None:
-            return ops.rms_norm(self._flat(x), w, eps).view(x.shape)
-        out, h = ops.add_rms_norm(self._flat(x), self._flat(residual), w, eps)
+            return rms_norm(self._flat(x), w, eps).view(x.shape)
+        out, h = add_rms_norm(self._flat(x), self._flat(residual), w, eps)
         return out.view(x.shape), h.view(x.shape)

@@ -21,6 +21,9 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum class Isa : int { kScalar = 0, kAvx2 = 1 };
 Isa active_isa();
 
+// Hint the OS to back a large, about-to-be-written output with huge pages (memory.cpp).
+void advise_huge_pages(void* p, int64_t nbytes);
+
 static inline float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

@@ -7,7 +7,8 @@
 // Backward (stats recomputed from h, nothing saved but h), g = dy*w, xhat as above:
 //   dx = rstd*(g - mean(g) - xhat*mean(g*xhat)) + dh     (RMS: no mean(g) term)
 //   dw += dy*xhat, db += dy   (per-thread fp32 partials, summed in layer_norm.h)
-// Sums use 8 independent lanes (like the AVX2 path) so the rounding error grows like a blocked sum.
+// Sums use 8 lanes over chunks of 512 elements folded into a total (as the AVX2 path does), so the
+// rounding error grows like a blocked sum, not like one long running sum.
 #include "layer_norm.h"
 
 #include <cmath>
@@ -17,10 +18,29 @@ namespace fastllm {
 namespace {
 
 constexpr int kLanes = 8;
+constexpr int64_t kChunk = 512;
 
 inline float lane_sum(const float* s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
+
+// Blocked accumulator: add(j, v) for j = 0, 1, 2, ... in order; total() at the end.
+struct BlockedSum {
+  float lanes[kLanes] = {0.f};
+  float tot = 0.f;
+  void add(int64_t j, float v) {
+    lanes[j % kLanes] += v;
+    if (j % kChunk == kChunk - 1) flush();
+  }
+  void flush() {
+    tot += lane_sum(lanes);
+    for (float& l : lanes) l = 0.f;
+  }
+  float total() {
+    flush();
+    return tot;
+  }
+};
 
 template <class S>
 struct ScalarRows {
@@ -44,7 +64,7 @@ struct ScalarRows {
       T* h = a.h ? static_cast<T*>(a.h) + i * N : nullptr;
       T* y = static_cast<T*>(a.out) + i * N;
       // pass 1: h = x (+ r) rounded to T, kept in fp32; sum (LN) or sum of squares (RMS)
-      float s[kLanes] = {0.f};
+      BlockedSum s;
       for (int64_t j = 0; j < N; ++j) {
         float v = S::load(x + j);
         if (r) {
@@ -53,19 +73,16 @@ struct ScalarRows {
           v = S::to(hv);
         }
         row[j] = v;
-        s[j % kLanes] += a.rms ? v * v : v;
+        s.add(j, a.rms ? v * v : v);
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(lane_sum(s) / static_cast<float>(N) + a.eps);
+        rstd = 1.f / std::sqrt(s.total() / static_cast<float>(N) + a.eps);
       } else {  // pass 2: variance about the mean
-        mean = lane_sum(s) / static_cast<float>(N);
-        float q[kLanes] = {0.f};
-        for (int64_t j = 0; j < N; ++j) {
-          const float d = row[j] - mean;
-          q[j % kLanes] += d * d;
-        }
-        rstd = 1.f / std::sqrt(lane_sum(q) / static_cast<float>(N) + a.eps);
+        mean = s.total() / static_cast<float>(N);
+        BlockedSum q;
+        for (int64_t j = 0; j < N; ++j) q.add(j, (row[j] - mean) * (row[j] - mean));
+        rstd = 1.f / std::sqrt(q.total() / static_cast<float>(N) + a.eps);
       }
       // pass 3: normalize, scale, shift
       for (int64_t j = 0; j < N; ++j) y[j] = S::from((row[j] - mean) * rstd * wf[j] + bf[j]);
@@ -89,39 +106,36 @@ struct ScalarRows {
       const T* dh = a.dh ? static_cast<const T*>(a.dh) + i * a.dh_stride : nullptr;
       T* dx = static_cast<T*>(a.dx) + i * N;
       // pass 1 (+2 for LN): recompute mean and rstd from h
-      float s[kLanes] = {0.f};
+      BlockedSum s;
       for (int64_t j = 0; j < N; ++j) {
         const float v = S::load(hr + j);
         row[j] = v;
-        s[j % kLanes] += a.rms ? v * v : v;
+        s.add(j, a.rms ? v * v : v);
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(lane_sum(s) * inv_n + a.eps);
+        rstd = 1.f / std::sqrt(s.total() * inv_n + a.eps);
       } else {
-        mean = lane_sum(s) * inv_n;
-        float q[kLanes] = {0.f};
-        for (int64_t j = 0; j < N; ++j) {
-          const float d = row[j] - mean;
-          q[j % kLanes] += d * d;
-        }
-        rstd = 1.f / std::sqrt(lane_sum(q) * inv_n + a.eps);
+        mean = s.total() * inv_n;
+        BlockedSum q;
+        for (int64_t j = 0; j < N; ++j) q.add(j, (row[j] - mean) * (row[j] - mean));
+        rstd = 1.f / std::sqrt(q.total() * inv_n + a.eps);
       }
       // pass 3: xhat, g = dy*w, the two row reductions, dw/db partials
-      float sg[kLanes] = {0.f}, sgx[kLanes] = {0.f};
+      BlockedSum sg, sgx;
       for (int64_t j = 0; j < N; ++j) {
         const float xh = (row[j] - mean) * rstd;
         const float d = S::load(dy + j);
         const float g = d * wf[j];
-        sg[j % kLanes] += g;
-        sgx[j % kLanes] += g * xh;
+        sg.add(j, g);
+        sgx.add(j, g * xh);
         dwp[j] += d * xh;
         dbp[j] += d;
         row[j] = xh;
         gb[j] = g;
       }
-      const float c1 = lane_sum(sgx) * inv_n;
-      const float c2 = a.rms ? 0.f : lane_sum(sg) * inv_n;
+      const float c1 = sgx.total() * inv_n;
+      const float c2 = a.rms ? 0.f : sg.total() * inv_n;
       // pass 4: dx
       for (int64_t j = 0; j < N; ++j) {
         float v = rstd * (gb[j] - c2 - row[j] * c1);
@@ -161,6 +175,9 @@ void norm_fwd(const NormFwd& a) {
   check_common(a.M, a.N, a.nthreads, a.dtype);
   if (a.out == nullptr || a.x == nullptr || (a.res != nullptr) != (a.h != nullptr))
     throw std::invalid_argument("norm_fwd: missing pointer");
+  const int64_t bytes = a.M * a.N * (a.dtype == kF32 ? 4 : 2);
+  advise_huge_pages(a.out, bytes);
+  advise_huge_pages(a.h, bytes);
 #if defined(FASTLLM_HAVE_AVX2)
   if (active_isa() == Isa::kAvx2) return norm_fwd_avx2(a);
 #endif
@@ -170,6 +187,7 @@ void norm_fwd(const NormFwd& a) {
 void norm_bwd(const NormBwd& a) {
   check_common(a.M, a.N, a.nthreads, a.dtype);
   if (a.dx == nullptr || a.dy == nullptr || a.h == nullptr) throw std::invalid_argument("norm_bwd: missing pointer");
+  advise_huge_pages(a.dx, a.M * a.N * (a.dtype == kF32 ? 4 : 2));
 #if defined(FASTLLM_HAVE_AVX2)
   if (active_isa() == Isa::kAvx2) return norm_bwd_avx2(a);
 #endif

@@ -102,6 +102,37 @@ inline void widen(float* dst, const typename S::T* p, int64_t n, float fill) {
   }
 }
 
+// Row sums run over chunks of kChunk elements; each chunk's partial sum is added to the total, so
+// rounding error grows with N/kChunk + kChunk/8 terms instead of N/8 (blocked summation).
+constexpr int64_t kChunk = 512;
+
+// sum((row - mean)^2) over n = nv + rem valid entries (blocked, padded lanes masked out)
+inline float centered_sumsq(const float* row, int64_t nv, int64_t rem, float mean, __m256 mask) {
+  const __m256 mv = _mm256_set1_ps(mean);
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nv; c += kChunk) {
+    const int64_t ce = c + kChunk < nv ? c + kChunk : nv;
+    __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+    int64_t j = c;
+    for (; j + 16 <= ce; j += 16) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
+      const __m256 d1 = _mm256_sub_ps(_mm256_load_ps(row + j + 8), mv);
+      q0 = _mm256_fmadd_ps(d0, d0, q0);
+      q1 = _mm256_fmadd_ps(d1, d1, q1);
+    }
+    for (; j < ce; j += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
+      q0 = _mm256_fmadd_ps(d, d, q0);
+    }
+    tot = _mm256_add_ps(tot, _mm256_add_ps(q0, q1));
+  }
+  if (rem) {
+    const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_load_ps(row + nv), mv), mask);
+    tot = _mm256_fmadd_ps(d, d, tot);
+  }
+  return hsum(tot);
+}
+
 template <class S>
 struct Avx2Rows {
   using T = typename S::T;
@@ -121,22 +152,29 @@ struct Avx2Rows {
       const T* r = a.res ? static_cast<const T*>(a.res) + i * a.res_stride : nullptr;
       T* h = a.h ? static_cast<T*>(a.h) + i * N : nullptr;
       T* y = static_cast<T*>(a.out) + i * N;
-      // pass 1: h = round_T(x + r) -> row (fp32) and the h output; s = sum(h) or sum(h^2)
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      // pass 1: h = round_T(x + r) -> row (fp32) and the h output; s = sum(h) or sum(h^2), blocked:
+      // per-chunk partial sums folded into the total keep the rounding error near that of a pairwise sum
+      __m256 s0 = _mm256_setzero_ps();
       int64_t j = 0;
-      for (; j < nv; j += 8) {
-        __m256 v = S::unpack(S::loadp(x + j));  // (8,)
-        if (r) {
-          const typename S::P hp = S::pack(_mm256_add_ps(v, S::unpack(S::loadp(r + j))));
-          S::storep(h + j, hp, a.stream);
-          v = S::unpack(hp);
+      for (int64_t c = 0; c < nv; c += kChunk) {
+        const int64_t ce = c + kChunk < nv ? c + kChunk : nv;
+        __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+        for (j = c; j < ce; j += 8) {
+          __m256 v = S::unpack(S::loadp(x + j));  // (8,)
+          if (r) {
+            const typename S::P hp = S::pack(_mm256_add_ps(v, S::unpack(S::loadp(r + j))));
+            S::storep(h + j, hp, a.stream);
+            v = S::unpack(hp);
+          }
+          _mm256_store_ps(row + j, v);
+          if (j & 8)
+            p1 = a.rms ? _mm256_fmadd_ps(v, v, p1) : _mm256_add_ps(p1, v);
+          else
+            p0 = a.rms ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
         }
-        _mm256_store_ps(row + j, v);
-        if (j & 8)
-          s1 = a.rms ? _mm256_fmadd_ps(v, v, s1) : _mm256_add_ps(s1, v);
-        else
-          s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+        s0 = _mm256_add_ps(s0, _mm256_add_ps(p0, p1));
       }
+      j = nv;
       if (rem) {  // padded lanes load as 0 (and 0 + 0 rounds to 0), so they add nothing to s
         __m256 v = load_tail<S>(x + j, rem);
         if (r) {
@@ -149,26 +187,10 @@ struct Avx2Rows {
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(hsum(_mm256_add_ps(s0, s1)) * inv_n + a.eps);
+        rstd = 1.f / std::sqrt(hsum(s0) * inv_n + a.eps);
       } else {  // pass 2: variance about the mean, from the fp32 row in cache
-        mean = hsum(_mm256_add_ps(s0, s1)) * inv_n;
-        const __m256 mv = _mm256_set1_ps(mean);
-        __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
-        for (j = 0; j + 16 <= nv; j += 16) {
-          const __m256 d0 = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
-          const __m256 d1 = _mm256_sub_ps(_mm256_load_ps(row + j + 8), mv);
-          q0 = _mm256_fmadd_ps(d0, d0, q0);
-          q1 = _mm256_fmadd_ps(d1, d1, q1);
-        }
-        for (; j < nv; j += 8) {
-          const __m256 d = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
-          q0 = _mm256_fmadd_ps(d, d, q0);
-        }
-        if (rem) {
-          const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), mask);
-          q0 = _mm256_fmadd_ps(d, d, q0);
-        }
-        rstd = 1.f / std::sqrt(hsum(_mm256_add_ps(q0, q1)) * inv_n + a.eps);
+        mean = hsum(s0) * inv_n;
+        rstd = 1.f / std::sqrt(centered_sumsq(row, nv, rem, mean, mask) * inv_n + a.eps);
       }
       // pass 3: y = (h - mean) * rstd * w + b
       const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
@@ -201,14 +223,20 @@ struct Avx2Rows {
       const T* dy = static_cast<const T*>(a.dy) + i * a.dy_stride;
       const T* dh = a.dh ? static_cast<const T*>(a.dh) + i * a.dh_stride : nullptr;
       T* dx = static_cast<T*>(a.dx) + i * N;
-      // pass 1: h -> row (fp32, zero padded), sum or sum of squares
+      // pass 1: h -> row (fp32, zero padded), blocked sum or sum of squares
       __m256 s0 = _mm256_setzero_ps();
       int64_t j = 0;
-      for (; j < nv; j += 8) {
-        const __m256 v = S::unpack(S::loadp(hr + j));
-        _mm256_store_ps(row + j, v);
-        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+      for (int64_t c = 0; c < nv; c += kChunk) {
+        const int64_t ce = c + kChunk < nv ? c + kChunk : nv;
+        __m256 p0 = _mm256_setzero_ps();
+        for (j = c; j < ce; j += 8) {
+          const __m256 v = S::unpack(S::loadp(hr + j));
+          _mm256_store_ps(row + j, v);
+          p0 = a.rms ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
+        }
+        s0 = _mm256_add_ps(s0, p0);
       }
+      j = nv;
       if (rem) {
         const __m256 v = load_tail<S>(hr + j, rem);
         _mm256_store_ps(row + j, v);
@@ -219,32 +247,28 @@ struct Avx2Rows {
         rstd = 1.f / std::sqrt(hsum(s0) * inv_n + a.eps);
       } else {  // pass 2: variance
         mean = hsum(s0) * inv_n;
-        const __m256 mv = _mm256_set1_ps(mean);
-        __m256 q0 = _mm256_setzero_ps();
-        for (j = 0; j < nv; j += 8) {
-          const __m256 d = _mm256_sub_ps(_mm256_load_ps(row + j), mv);
-          q0 = _mm256_fmadd_ps(d, d, q0);
-        }
-        if (rem) {
-          const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), mask);
-          q0 = _mm256_fmadd_ps(d, d, q0);
-        }
-        rstd = 1.f / std::sqrt(hsum(q0) * inv_n + a.eps);
+        rstd = 1.f / std::sqrt(centered_sumsq(row, nv, rem, mean, mask) * inv_n + a.eps);
       }
       // pass 3: xhat, g = dy * w, sums of g and g*xhat, dw/db partials. Padded lanes have dy = 0, so
       // g = 0 there and they add nothing (xhat is finite: the padded row is 0).
       const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
       __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
-      for (j = 0; j < Np; j += 8) {
-        const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
-        const __m256 d = j < nv ? S::unpack(S::loadp(dy + j)) : load_tail<S>(dy + j, rem);
-        const __m256 g = _mm256_mul_ps(d, _mm256_load_ps(wf + j));
-        sg = _mm256_add_ps(sg, g);
-        sgx = _mm256_fmadd_ps(g, xh, sgx);
-        _mm256_store_ps(dwp + j, _mm256_fmadd_ps(d, xh, _mm256_load_ps(dwp + j)));
-        _mm256_store_ps(dbp + j, _mm256_add_ps(d, _mm256_load_ps(dbp + j)));
-        _mm256_store_ps(row + j, xh);
-        _mm256_store_ps(gb + j, g);
+      for (int64_t c = 0; c < Np; c += kChunk) {
+        const int64_t ce = c + kChunk < Np ? c + kChunk : Np;
+        __m256 pg = _mm256_setzero_ps(), pgx = _mm256_setzero_ps();
+        for (j = c; j < ce; j += 8) {
+          const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
+          const __m256 d = j < nv ? S::unpack(S::loadp(dy + j)) : load_tail<S>(dy + j, rem);
+          const __m256 g = _mm256_mul_ps(d, _mm256_load_ps(wf + j));
+          pg = _mm256_add_ps(pg, g);
+          pgx = _mm256_fmadd_ps(g, xh, pgx);
+          _mm256_store_ps(dwp + j, _mm256_fmadd_ps(d, xh, _mm256_load_ps(dwp + j)));
+          _mm256_store_ps(dbp + j, _mm256_add_ps(d, _mm256_load_ps(dbp + j)));
+          _mm256_store_ps(row + j, xh);
+          _mm256_store_ps(gb + j, g);
+        }
+        sg = _mm256_add_ps(sg, pg);
+        sgx = _mm256_add_ps(sgx, pgx);
       }
       const __m256 c1 = _mm256_set1_ps(hsum(sgx) * inv_n);
       const __m256 c2 = _mm256_set1_ps(a.rms ? 0.f : hsum(sg) * inv_n);
