@@ -38,7 +38,9 @@ def assert_equivalent(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor,
     bad_nan = torch.isnan(o) != torch.isnan(r)
     if bad_nan.any():
         idx = tuple(bad_nan.nonzero()[0].tolist())
-        raise AssertionError(f"{name}: NaN pattern differs from the reference at {int(bad_nan.sum())} places, first {idx}")
+        raise AssertionError(
+            f"{name}: NaN pattern differs from the reference at {int(bad_nan.sum())} places, first {idx}"
+        )
     tol = 2 * max_abs_err(eager, ref) + floor(out.dtype, ref)
     finite = torch.isfinite(r)
     diff = torch.where(finite, (o - r).abs(), torch.zeros_like(o))

@@ -7,9 +7,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import fastllm._ext  # noqa: E402
+import fastllm._ext
 
 
 @pytest.fixture(autouse=True)

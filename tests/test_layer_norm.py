@@ -74,7 +74,7 @@ def check_op(op, shape, dtype, backend, device="cpu", affine=True, bias=True, ex
         got = run_with_grads(call_fastllm, op, inputs, dy, dh)
     eager = run_with_grads(call_eager, op, inputs, dy, dh)
     ref = run_with_grads(call_eager, op, [t.double() if t is not None else None for t in inputs], dy, dh)
-    for name, g, e, rf in zip(NAMES, got, eager, ref):
+    for name, g, e, rf in zip(NAMES, got, eager, ref, strict=True):
         assert (g is None) == (rf is None), f"{op} {name}: presence differs"
         if g is not None:
             assert_equivalent(g, e, rf, f"{op} {backend} {dtype} {tuple(shape)} {name}")
@@ -145,7 +145,7 @@ def test_triton_looped_path(rms, dtype):
     dx, dw, db = tri.norm_bwd(dy, dh, h, w, b is not None, 1e-5, rms, block_n=32)
     ref = norm_bwd_ref(dy.double(), dh.double(), h.double(), w.double(), b is not None, 1e-5, rms)
     eager = norm_bwd_ref(dy, dh, h, w, b is not None, 1e-5, rms)
-    for name, g, e, rf in zip(["dx", "dw", "db"], (dx, dw, db), eager, ref):
+    for name, g, e, rf in zip(["dx", "dw", "db"], (dx, dw, db), eager, ref, strict=True):
         if rf is not None:
             assert_equivalent(g, e, rf, f"looped {name}")
 
@@ -193,6 +193,8 @@ def test_nan_inf_propagate_like_torch(op, dtype):
     x[2, 5] = float("inf")
     out, h = call_fastllm(op, x, r, w, b)
     e_out, e_h = call_eager(op, x, r, w, b)
+    if h is not None:
+        assert torch.equal(torch.isnan(h), torch.isnan(e_h)) and torch.equal(torch.isinf(h), torch.isinf(e_h))
     assert torch.equal(torch.isnan(out), torch.isnan(e_out))
     assert torch.equal(torch.isinf(out), torch.isinf(e_out))
     assert torch.isfinite(out[[0, 3]]).all()
@@ -241,7 +243,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out_c, out_e)
     out_c.square().sum().backward()
     out_e.square().sum().backward()
-    for a, b in zip(leaves_c, leaves_e):
+    for a, b in zip(leaves_c, leaves_e, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
 
 
@@ -262,7 +264,10 @@ def test_layernorm_module_loads_torch_state_dict():
     torch.testing.assert_close(h, x + r)
     torch.testing.assert_close(out, ref(x + r))
     # multi-dim normalized_shape and no affine
-    ref2, mod2 = torch.nn.LayerNorm((4, 6), elementwise_affine=False), fastllm.nn.LayerNorm((4, 6), elementwise_affine=False)
+    ref2, mod2 = (
+        torch.nn.LayerNorm((4, 6), elementwise_affine=False),
+        fastllm.nn.LayerNorm((4, 6), elementwise_affine=False),
+    )
     x2 = torch.randn(3, 4, 6)
     torch.testing.assert_close(mod2(x2), ref2(x2))
     assert list(fastllm.nn.LayerNorm(8, bias=False).state_dict()) == ["weight"]

@@ -244,7 +244,7 @@ def _make(name: str, schema: str, residual: bool, rms: bool):
         return (out, torch.empty(x.shape, dtype=x.dtype, device=x.device)) if residual else out
 
     def setup_context(ctx, inputs, output):
-        x, r, w, b, eps = canon(inputs)
+        x, _, w, b, eps = canon(inputs)
         h = output[1] if residual else x  # the backward recomputes the statistics from h
         ctx.save_for_backward(h, w)
         ctx.has_bias, ctx.eps = b is not None, eps

@@ -17,7 +17,7 @@ std::string set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 bool cpu_has(const char* name);
 bool avx2_path_available();
-void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads);
+void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream);
 double fma_loop(int64_t iters, int nthreads, bool avx2);
 }  // namespace fastllm
 
@@ -78,11 +78,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "copy_bytes",
-      [](uintptr_t dst, uintptr_t src, int64_t nbytes, int nthreads) {
-        copy_bytes(ptr<void>(dst), ptr<const void>(src), nbytes, nthreads < 1 ? 1 : nthreads);
+      [](uintptr_t dst, uintptr_t src, int64_t nbytes, int nthreads, bool stream) {
+        copy_bytes(ptr<void>(dst), ptr<const void>(src), nbytes, nthreads < 1 ? 1 : nthreads, stream);
       },
-      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("nthreads"),
-      py::call_guard<py::gil_scoped_release>(), "Parallel memcpy (bandwidth ceiling probe).");
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("nthreads"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(), "Parallel copy, memcpy or non-temporal (bandwidth ceiling probe).");
   m.def(
       "fma_loop",
       [](int64_t iters, int nthreads, bool avx2) { return fma_loop(iters, nthreads < 1 ? 1 : nthreads, avx2); },

@@ -7,15 +7,34 @@
 namespace fastllm {
 
 float fma_loop_avx2(int64_t iters);
+void stream_copy_avx2(float* dst, const float* src, int64_t n);
 
-// Each thread copies one contiguous chunk with memcpy (glibc switches to non-temporal stores for large
-// sizes, so this is the best copy this machine does, not a read-for-ownership bound one).
-void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads) {
+// Each thread copies one contiguous chunk: with non-temporal stores when `stream` (AVX2 path; buffers
+// 128-byte aligned, nbytes a multiple of 128 per chunk, else memcpy), else with memcpy.
+void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream) {
+#if defined(FASTLLM_HAVE_AVX2)
+  stream = stream && active_isa() == Isa::kAvx2 && (reinterpret_cast<uintptr_t>(dst) & 127) == 0 &&
+           (reinterpret_cast<uintptr_t>(src) & 127) == 0;
+#else
+  stream = false;
+#endif
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t lo = nbytes * t / T / 64 * 64, hi = (t + 1 == T) ? nbytes : nbytes * (t + 1) / T / 64 * 64;
-    std::memcpy(static_cast<char*>(dst) + lo, static_cast<const char*>(src) + lo, static_cast<size_t>(hi - lo));
+    const int64_t lo = nbytes * t / T / 128 * 128, hi = (t + 1 == T) ? nbytes : nbytes * (t + 1) / T / 128 * 128;
+    char* d = static_cast<char*>(dst) + lo;
+    const char* s = static_cast<const char*>(src) + lo;
+#if defined(FASTLLM_HAVE_AVX2)
+    if (stream) {
+      const int64_t body = (hi - lo) / 128 * 128;
+      stream_copy_avx2(reinterpret_cast<float*>(d), reinterpret_cast<const float*>(s), body / 4);
+      std::memcpy(d + body, s + body, static_cast<size_t>(hi - lo - body));
+    } else {
+      std::memcpy(d, s, static_cast<size_t>(hi - lo));
+    }
+#else
+    std::memcpy(d, s, static_cast<size_t>(hi - lo));
+#endif
   }
 }
 

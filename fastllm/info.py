@@ -1,0 +1,101 @@
+"""`python -m fastllm info`: versions, CPU, the C++ extension, GPUs, Triton, and the backend each op would use."""
+
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+from fastllm import _ext, _op
+
+
+def _probes() -> dict:
+    """(op name -> a call that exercises it) for the backend table; run on small inputs under explain."""
+    import fastllm
+
+    return {
+        "layer_norm": lambda x: fastllm.layer_norm(x),
+        "add_layer_norm": lambda x: fastllm.add_layer_norm(x, x),
+        "rms_norm": lambda x: fastllm.rms_norm(x),
+        "add_rms_norm": lambda x: fastllm.add_rms_norm(x, x),
+    }
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> dict:
+    if _ext.C is not None:
+        return dict(_ext.C.cpu_features())
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    names = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
+             "avx512vnni": "avx512_vnni"}  # fmt: skip
+    return {k: v in flags for k, v in names.items()}
+
+
+def backend_table() -> list[tuple[str, str, str, str]]:
+    """(op, device, backend, reason) for float32 inputs on each available device."""
+    import fastllm
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for name, probe in _probes().items():
+        for device in devices:
+            x = torch.randn(2, 8, device=device)
+            with fastllm.explain() as log:
+                probe(x)
+            d = log[0]
+            rows.append((name, device, d.backend, d.reason))
+    return rows
+
+
+def report() -> str:
+    lines = [
+        f"fastllm        {_version('fastllm')}",
+        f"python         {platform.python_version()} ({platform.machine()}, {platform.system()})",
+        f"torch          {torch.__version__} (threads: {torch.get_num_threads()})",
+        f"triton         {_version('triton')}" + ("  [TRITON_INTERPRET=1]" if _op.triton_interpret() else ""),
+        f"numpy          {_version('numpy')}",
+        f"cpu            {cpu_model()} ({os.cpu_count()} logical cores)",
+        "cpu features   " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu_features().items()),
+        f"fastllm._C     {_ext.STATUS}",
+    ]
+    if _ext.C is not None:
+        lines.append(f"  ISA path     {_ext.C.isa()} (AVX2 path available: {_ext.C.avx2_available()}; "
+                     f"FASTLLM_ISA=scalar forces the portable path)")  # fmt: skip
+        lines.append(f"  OpenMP       max threads {_ext.C.openmp_max_threads()}, calls use torch.get_num_threads()")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}          {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+    else:
+        lines.append("gpu            none (CUDA not available)")
+    lines.append(f"backend        requested: {os.environ.get('FASTLLM_BACKEND', 'auto') or 'auto'}")
+    lines.append("")
+    lines.append(f"{'op':<16}{'device':<8}{'backend':<11}why")
+    for name, device, backend, reason in backend_table():
+        lines.append(f"{name:<16}{device:<8}{backend:<11}{reason}")
+    return "\n".join(lines)
