@@ -1,0 +1,1 @@
+"""Triton GPU kernels of fastllm (installed as fastllm.kernels.triton; TRITON_INTERPRET=1 runs them on CPU)."""
