@@ -105,8 +105,9 @@ def test_cpp_isa_paths(cpu_isa, op, dtype, shape):
 
 @pytest.mark.parametrize("op", OPS)
 def test_cpp_large_hidden(op):
-    """Hidden sizes past 64K (fp32 statistics over long rows) and non-affine variants."""
+    """Hidden sizes past 64K (fp32 statistics over long rows), many rows (dw/db sums over M), non-affine."""
     check_op(op, (2, 65537), torch.float32, "cpp", expect=cpp_expected())
+    check_op(op, (4099, 48), torch.float32, "cpp", expect=cpp_expected())
     check_op(op, (3, 100), torch.bfloat16, "cpp", affine=False, expect=cpp_expected())
     if not _spec(op)[1]:
         check_op(op, (3, 100), torch.float32, "cpp", bias=False, expect=cpp_expected())

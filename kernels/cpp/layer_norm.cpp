@@ -77,19 +77,19 @@ struct ScalarRows {
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(s.total() / static_cast<float>(N) + a.eps);
+        rstd = rstd_of(s.total(), N, a.eps);
       } else {  // pass 2: variance about the mean
         mean = s.total() / static_cast<float>(N);
         BlockedSum q;
         for (int64_t j = 0; j < N; ++j) q.add(j, (row[j] - mean) * (row[j] - mean));
-        rstd = 1.f / std::sqrt(q.total() / static_cast<float>(N) + a.eps);
+        rstd = rstd_of(q.total(), N, a.eps);
       }
       // pass 3: normalize, scale, shift
       for (int64_t j = 0; j < N; ++j) y[j] = S::from((row[j] - mean) * rstd * wf[j] + bf[j]);
     }
   }
 
-  // scratch: row (Np) | g (Np) | weight (Np) | dw partial (Np) | db partial (Np)
+  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each
   static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N);
     float* row = scratch;
@@ -97,6 +97,8 @@ struct ScalarRows {
     float* wf = scratch + 2 * Np;
     float* dwp = scratch + 3 * Np;
     float* dbp = scratch + 4 * Np;
+    float* dwo = scratch + 5 * Np;
+    float* dbo = scratch + 6 * Np;
     const T* w = static_cast<const T*>(a.w);
     for (int64_t j = 0; j < N; ++j) wf[j] = w ? S::load(w + j) : 1.f;
     const float inv_n = 1.f / static_cast<float>(N);
@@ -114,12 +116,12 @@ struct ScalarRows {
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(s.total() * inv_n + a.eps);
+        rstd = rstd_of(s.total(), N, a.eps);
       } else {
-        mean = s.total() * inv_n;
+        mean = s.total() / static_cast<float>(N);
         BlockedSum q;
         for (int64_t j = 0; j < N; ++j) q.add(j, (row[j] - mean) * (row[j] - mean));
-        rstd = 1.f / std::sqrt(q.total() * inv_n + a.eps);
+        rstd = rstd_of(q.total(), N, a.eps);
       }
       // pass 3: xhat, g = dy*w, the two row reductions, dw/db partials
       BlockedSum sg, sgx;
@@ -141,6 +143,10 @@ struct ScalarRows {
         float v = rstd * (gb[j] - c2 - row[j] * c1);
         if (dh) v += S::load(dh + j);
         dx[j] = S::from(v);
+      }
+      if (fold_due(i, r0, r1)) {
+        fold_partials(dwp, dwo, N);
+        fold_partials(dbp, dbo, N);
       }
     }
   }

@@ -8,6 +8,8 @@
 
 #include <omp.h>
 
+#include <cmath>
+
 #include "common.h"
 
 namespace fastllm {
@@ -53,6 +55,23 @@ namespace {  // internal linkage: each TU instantiates its own copy (see common.
 // Per-thread scratch, in floats, padded to whole 8-lane vectors: the fp32 row, the fp32 weight and bias.
 inline int64_t fwd_scratch(int64_t N) { return 3 * round_up8(N); }
 
+// rstd = 1/sqrt(mean + eps) evaluated in double: correctly rounded, so the output carries one rounding
+// less than a float sqrt followed by a float division (once per row, so the cost is nil).
+inline float rstd_of(float sum, int64_t N, float eps) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(sum) / static_cast<double>(N) + eps));
+}
+
+// dw/db partials: each thread sums kRowBlock rows into an inner fp32 vector, then folds it into an outer
+// one (blocked summation over rows: error grows with M/kRowBlock + kRowBlock terms, not M).
+constexpr int64_t kRowBlock = 32;
+inline bool fold_due(int64_t i, int64_t r0, int64_t r1) { return (i - r0) % kRowBlock == kRowBlock - 1 || i == r1 - 1; }
+inline void fold_partials(float* inner, float* outer, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    outer[j] += inner[j];
+    inner[j] = 0.f;
+  }
+}
+
 // Rows are split into one contiguous range per thread (static, so results do not depend on timing).
 template <class Rows>
 void run_norm_fwd(const NormFwd& a) {
@@ -75,7 +94,7 @@ void run_norm_bwd(const NormBwd& a) {
   using T = typename S::T;
   const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
   const int64_t Np = round_up8(a.N);
-  const int64_t per = 5 * Np;  // row, g, weight, dw partial, db partial
+  const int64_t per = 7 * Np;  // row, g, weight, dw/db partials (inner), dw/db partials (outer)
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   std::memset(scratch, 0, sizeof(float) * static_cast<size_t>(nt) * per);
 #pragma omp parallel num_threads(nt)
@@ -90,8 +109,8 @@ void run_norm_bwd(const NormBwd& a) {
     for (int64_t j = 0; j < a.N; ++j) {
       float sw = 0.f, sb = 0.f;
       for (int t = 0; t < nt; ++t) {
-        sw += scratch[t * per + 3 * Np + j];
-        sb += scratch[t * per + 4 * Np + j];
+        sw += scratch[t * per + 5 * Np + j];
+        sb += scratch[t * per + 6 * Np + j];
       }
       if (dw != nullptr) dw[j] = S::from(sw);
       if (db != nullptr) db[j] = S::from(sb);

@@ -187,10 +187,10 @@ struct Avx2Rows {
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(hsum(s0) * inv_n + a.eps);
+        rstd = rstd_of(hsum(s0), N, a.eps);
       } else {  // pass 2: variance about the mean, from the fp32 row in cache
-        mean = hsum(s0) * inv_n;
-        rstd = 1.f / std::sqrt(centered_sumsq(row, nv, rem, mean, mask) * inv_n + a.eps);
+        mean = hsum(s0) / static_cast<float>(N);
+        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, a.eps);
       }
       // pass 3: y = (h - mean) * rstd * w + b
       const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
@@ -207,7 +207,7 @@ struct Avx2Rows {
     if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller reads the outputs
   }
 
-  // scratch: row (Np) | g (Np) | weight (Np) | dw partial (Np) | db partial (Np), zeroed by the driver
+  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each, zeroed by the driver
   static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
     float* row = scratch;
@@ -215,6 +215,8 @@ struct Avx2Rows {
     float* wf = scratch + 2 * Np;
     float* dwp = scratch + 3 * Np;
     float* dbp = scratch + 4 * Np;
+    float* dwo = scratch + 5 * Np;
+    float* dbo = scratch + 6 * Np;
     widen<S>(wf, static_cast<const T*>(a.w), N, 1.f);
     const __m256 mask = tail_mask(rem);
     const float inv_n = 1.f / static_cast<float>(N);
@@ -244,10 +246,10 @@ struct Avx2Rows {
       }
       float mean = 0.f, rstd;
       if (a.rms) {
-        rstd = 1.f / std::sqrt(hsum(s0) * inv_n + a.eps);
+        rstd = rstd_of(hsum(s0), N, a.eps);
       } else {  // pass 2: variance
-        mean = hsum(s0) * inv_n;
-        rstd = 1.f / std::sqrt(centered_sumsq(row, nv, rem, mean, mask) * inv_n + a.eps);
+        mean = hsum(s0) / static_cast<float>(N);
+        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, a.eps);
       }
       // pass 3: xhat, g = dy * w, sums of g and g*xhat, dw/db partials. Padded lanes have dy = 0, so
       // g = 0 there and they add nothing (xhat is finite: the padded row is 0).
@@ -284,6 +286,10 @@ struct Avx2Rows {
         __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
         if (dh) v = _mm256_add_ps(v, load_tail<S>(dh + j, rem));
         store_tail<S>(dx + j, S::pack(v), rem);
+      }
+      if (fold_due(i, r0, r1)) {
+        fold_partials(dwp, dwo, Np);
+        fold_partials(dbp, dbo, Np);
       }
     }
     if (a.stream) _mm_sfence();
