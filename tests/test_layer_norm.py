@@ -162,6 +162,22 @@ def test_reference_backend_float64():
     assert ("float64" if fastllm._ext.C is not None else "FASTLLM_NO_CPP") in log[0].reason, log[0].reason
 
 
+@pytest.mark.parametrize("used", ["out", "h"])
+def test_grad_of_one_output_only(used):
+    """With only one output of add_layer_norm in the loss, the other's gradient is None (not zeros)."""
+    x, r, w = torch.randn(6, 37, requires_grad=True), torch.randn(6, 37), torch.randn(37, requires_grad=True)
+    out, h = fastllm.add_layer_norm(x, r, w, None)
+    (out if used == "out" else h).square().sum().backward()
+    xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    out_d, h_d = call_eager("add_layer_norm", xd, r.double(), wd, None)
+    (out_d if used == "out" else h_d).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-4, atol=1e-5)
+    if used == "out":
+        torch.testing.assert_close(w.grad, wd.grad.float(), rtol=1e-4, atol=1e-5)
+    else:  # h does not depend on w
+        assert wd.grad is None and (w.grad is None or not w.grad.any())
+
+
 def test_noncontiguous_inputs():
     base = torch.randn(6, 2 * 37)
     for x in (base[:, ::2], base[:, :37], base.t()[:37].t()[:, :], base.view(6, 2, 37)[:, 1]):

@@ -248,10 +248,15 @@ def _make(name: str, schema: str, residual: bool, rms: bool):
         h = output[1] if residual else x  # the backward recomputes the statistics from h
         ctx.save_for_backward(h, w)
         ctx.has_bias, ctx.eps = b is not None, eps
+        # an unused output's gradient arrives as None instead of a materialized (M, N) tensor of zeros,
+        # which the backward would otherwise read in full (the h output of the add variants, usually)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, *grads):
         h, w = ctx.saved_tensors
         dy, dh = grads if residual else (grads[0], None)
+        if dy is None:
+            dy = torch.zeros_like(h)
         dx, dw, db = norm_backward(dy, dh, h, w, ctx.has_bias, ctx.eps, rms)
         dw = dw if w is not None else None
         db = db if ctx.has_bias else None

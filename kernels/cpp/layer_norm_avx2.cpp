@@ -137,9 +137,22 @@ template <class S>
 struct Avx2Rows {
   using T = typename S::T;
 
-  // scratch: row (Np) | weight (Np) | bias (Np), all fp32, 32-byte aligned, zero padded
   static void fwd(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
+    if (a.rms)
+      a.res ? fwd_rows<true, true>(a, r0, r1, scratch) : fwd_rows<true, false>(a, r0, r1, scratch);
+    else
+      a.res ? fwd_rows<false, true>(a, r0, r1, scratch) : fwd_rows<false, false>(a, r0, r1, scratch);
+  }
+
+  // The flags are template parameters and the struct fields are copied to locals: stores through T*
+  // may alias `a` as far as the compiler knows, which otherwise reloads and re-tests them per vector.
+  // scratch: row (Np) | weight (Np) | bias (Np), all fp32, 32-byte aligned, zero padded
+  template <bool RMS, bool RES>
+  static void fwd_rows(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
+    const bool stream = a.stream;
+    const float eps = a.eps;
+    const int64_t x_stride = a.x_stride, res_stride = a.res_stride;
     float* row = scratch;
     float* wf = scratch + Np;
     float* bf = scratch + 2 * Np;
@@ -148,9 +161,9 @@ struct Avx2Rows {
     const __m256 mask = tail_mask(rem);
     const float inv_n = 1.f / static_cast<float>(N);
     for (int64_t i = r0; i < r1; ++i) {
-      const T* x = static_cast<const T*>(a.x) + i * a.x_stride;
-      const T* r = a.res ? static_cast<const T*>(a.res) + i * a.res_stride : nullptr;
-      T* h = a.h ? static_cast<T*>(a.h) + i * N : nullptr;
+      const T* x = static_cast<const T*>(a.x) + i * x_stride;
+      const T* r = RES ? static_cast<const T*>(a.res) + i * res_stride : nullptr;
+      T* h = RES ? static_cast<T*>(a.h) + i * N : nullptr;
       T* y = static_cast<T*>(a.out) + i * N;
       // pass 1: h = round_T(x + r) -> row (fp32) and the h output; s = sum(h) or sum(h^2), blocked:
       // per-chunk partial sums folded into the total keep the rounding error near that of a pairwise sum
@@ -161,55 +174,66 @@ struct Avx2Rows {
         __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
         for (j = c; j < ce; j += 8) {
           __m256 v = S::unpack(S::loadp(x + j));  // (8,)
-          if (r) {
+          if constexpr (RES) {
             const typename S::P hp = S::pack(_mm256_add_ps(v, S::unpack(S::loadp(r + j))));
-            S::storep(h + j, hp, a.stream);
+            S::storep(h + j, hp, stream);
             v = S::unpack(hp);
           }
           _mm256_store_ps(row + j, v);
           if (j & 8)
-            p1 = a.rms ? _mm256_fmadd_ps(v, v, p1) : _mm256_add_ps(p1, v);
+            p1 = RMS ? _mm256_fmadd_ps(v, v, p1) : _mm256_add_ps(p1, v);
           else
-            p0 = a.rms ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
+            p0 = RMS ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
         }
         s0 = _mm256_add_ps(s0, _mm256_add_ps(p0, p1));
       }
       j = nv;
       if (rem) {  // padded lanes load as 0 (and 0 + 0 rounds to 0), so they add nothing to s
         __m256 v = load_tail<S>(x + j, rem);
-        if (r) {
+        if constexpr (RES) {
           const typename S::P hp = S::pack(_mm256_add_ps(v, load_tail<S>(r + j, rem)));
           store_tail<S>(h + j, hp, rem);
           v = S::unpack(hp);
         }
         _mm256_store_ps(row + j, v);
-        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+        s0 = RMS ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
       }
       float mean = 0.f, rstd;
-      if (a.rms) {
-        rstd = rstd_of(hsum(s0), N, a.eps);
+      if constexpr (RMS) {
+        rstd = rstd_of(hsum(s0), N, eps);
       } else {  // pass 2: variance about the mean, from the fp32 row in cache
         mean = hsum(s0) / static_cast<float>(N);
-        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, a.eps);
+        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, eps);
       }
       // pass 3: y = (h - mean) * rstd * w + b
       const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
       for (j = 0; j < nv; j += 8) {
         const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
         const __m256 v = _mm256_fmadd_ps(xh, _mm256_load_ps(wf + j), _mm256_load_ps(bf + j));
-        S::storep(y + j, S::pack(v), a.stream);
+        S::storep(y + j, S::pack(v), stream);
       }
       if (rem) {
         const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
         store_tail<S>(y + j, S::pack(_mm256_fmadd_ps(xh, _mm256_load_ps(wf + j), _mm256_load_ps(bf + j))), rem);
       }
     }
-    if (a.stream) _mm_sfence();  // order the non-temporal stores before the caller reads the outputs
+    if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads the outputs
   }
 
-  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each, zeroed by the driver
   static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
+    if (a.rms)
+      a.dh ? bwd_rows<true, true>(a, r0, r1, scratch) : bwd_rows<true, false>(a, r0, r1, scratch);
+    else
+      a.dh ? bwd_rows<false, true>(a, r0, r1, scratch) : bwd_rows<false, false>(a, r0, r1, scratch);
+  }
+
+  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each, zeroed
+  template <bool RMS, bool DH>
+  static void bwd_rows(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
+    const bool stream = a.stream;
+    const float eps = a.eps;
+    const int64_t h_stride = a.h_stride, dy_stride = a.dy_stride, dh_stride = a.dh_stride;
     float* row = scratch;
     float* gb = scratch + Np;
     float* wf = scratch + 2 * Np;
@@ -221,9 +245,9 @@ struct Avx2Rows {
     const __m256 mask = tail_mask(rem);
     const float inv_n = 1.f / static_cast<float>(N);
     for (int64_t i = r0; i < r1; ++i) {
-      const T* hr = static_cast<const T*>(a.h) + i * a.h_stride;
-      const T* dy = static_cast<const T*>(a.dy) + i * a.dy_stride;
-      const T* dh = a.dh ? static_cast<const T*>(a.dh) + i * a.dh_stride : nullptr;
+      const T* hr = static_cast<const T*>(a.h) + i * h_stride;
+      const T* dy = static_cast<const T*>(a.dy) + i * dy_stride;
+      const T* dh = DH ? static_cast<const T*>(a.dh) + i * dh_stride : nullptr;
       T* dx = static_cast<T*>(a.dx) + i * N;
       // pass 1: h -> row (fp32, zero padded), blocked sum or sum of squares
       __m256 s0 = _mm256_setzero_ps();
@@ -234,7 +258,7 @@ struct Avx2Rows {
         for (j = c; j < ce; j += 8) {
           const __m256 v = S::unpack(S::loadp(hr + j));
           _mm256_store_ps(row + j, v);
-          p0 = a.rms ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
+          p0 = RMS ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
         }
         s0 = _mm256_add_ps(s0, p0);
       }
@@ -242,14 +266,14 @@ struct Avx2Rows {
       if (rem) {
         const __m256 v = load_tail<S>(hr + j, rem);
         _mm256_store_ps(row + j, v);
-        s0 = a.rms ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
+        s0 = RMS ? _mm256_fmadd_ps(v, v, s0) : _mm256_add_ps(s0, v);
       }
       float mean = 0.f, rstd;
-      if (a.rms) {
-        rstd = rstd_of(hsum(s0), N, a.eps);
+      if constexpr (RMS) {
+        rstd = rstd_of(hsum(s0), N, eps);
       } else {  // pass 2: variance
         mean = hsum(s0) / static_cast<float>(N);
-        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, a.eps);
+        rstd = rstd_of(centered_sumsq(row, nv, rem, mean, mask), N, eps);
       }
       // pass 3: xhat, g = dy * w, sums of g and g*xhat, dw/db partials. Padded lanes have dy = 0, so
       // g = 0 there and they add nothing (xhat is finite: the padded row is 0).
@@ -273,18 +297,18 @@ struct Avx2Rows {
         sgx = _mm256_add_ps(sgx, pgx);
       }
       const __m256 c1 = _mm256_set1_ps(hsum(sgx) * inv_n);
-      const __m256 c2 = _mm256_set1_ps(a.rms ? 0.f : hsum(sg) * inv_n);
+      const __m256 c2 = _mm256_set1_ps(RMS ? 0.f : hsum(sg) * inv_n);
       // pass 4: dx = rstd * (g - c2 - xhat * c1) (+ dh)
       for (j = 0; j < nv; j += 8) {
         const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
         __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
-        if (dh) v = _mm256_add_ps(v, S::unpack(S::loadp(dh + j)));
-        S::storep(dx + j, S::pack(v), a.stream);
+        if constexpr (DH) v = _mm256_add_ps(v, S::unpack(S::loadp(dh + j)));
+        S::storep(dx + j, S::pack(v), stream);
       }
       if (rem) {
         const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
         __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
-        if (dh) v = _mm256_add_ps(v, load_tail<S>(dh + j, rem));
+        if constexpr (DH) v = _mm256_add_ps(v, load_tail<S>(dh + j, rem));
         store_tail<S>(dx + j, S::pack(v), rem);
       }
       if (fold_due(i, r0, r1)) {
@@ -292,7 +316,7 @@ struct Avx2Rows {
         fold_partials(dbp, dbo, Np);
       }
     }
-    if (a.stream) _mm_sfence();
+    if (stream) _mm_sfence();
   }
 };
 
