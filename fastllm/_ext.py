@@ -4,6 +4,7 @@ Without it (no compiler at install time, FASTLLM_NO_CPP=1, a stale build) fastll
 once, and CPU ops take the reference path.
 """
 
+import importlib
 import os
 import warnings
 
@@ -19,9 +20,11 @@ def _load():
     if os.environ.get("FASTLLM_NO_CPP", "0") == "1":
         return None, "disabled by FASTLLM_NO_CPP=1"
     try:
-        from fastllm import _C
+        _C = importlib.import_module("fastllm._C")
+    except ModuleNotFoundError:
+        return None, "fastllm._C is not built (installed with FASTLLM_NO_CPP=1 or without a C++ compiler)"
     except ImportError as e:
-        return None, f"fastllm._C did not import ({e}); reinstall with a C++ compiler (pip install .)"
+        return None, f"fastllm._C did not load ({e}); reinstall with `pip install .`"
     if getattr(_C, "ABI", None) != ABI:
         return None, f"fastllm._C is a stale build (ABI {getattr(_C, 'ABI', None)}, expected {ABI}); reinstall"
     return _C, f"loaded ({_C.isa()})"
