@@ -17,14 +17,22 @@ namespace fastllm {
 namespace {
 
 // Storage policies: P is the packed (storage) vector of 8 elements.
+//   pack(v)            fp32 -> storage, round to nearest even
+//   pack_rt(v, &r)     the same, and r = the stored value widened back to fp32 (h as the backward sees it)
+//   storep(p, v, st)   st: non-temporal store; the caller decides once per row (st implies p is aligned)
 struct F32v {
   using T = float;
   using P = __m256;
+  static constexpr uintptr_t kAlign = 32;
   static P loadp(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 unpack(P p) { return p; }
   static P pack(__m256 v) { return v; }
-  static void storep(float* p, P v, bool stream) {
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
+  static P pack_rt(__m256 v, __m256* r) {
+    *r = v;
+    return v;
+  }
+  static void storep(float* p, P v, bool st) {
+    if (st)
       _mm256_stream_ps(p, v);
     else
       _mm256_storeu_ps(p, v);
@@ -34,22 +42,31 @@ struct F32v {
 struct BF16v {
   using T = uint16_t;
   using P = __m128i;
+  static constexpr uintptr_t kAlign = 16;
   static P loadp(const uint16_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
   static __m256 unpack(P p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(p), 16)); }
-  // round to nearest even on the bit pattern; NaN lanes keep their top half with the quiet bit set
-  static P pack(__m256 v) {
+  // Round to nearest even on the bit pattern: add 0x7fff + the lsb of the kept half, keep the top half.
+  // No NaN special case is needed here: every NaN these kernels pack either came from a bf16 input
+  // (low 16 bits zero, so the bias cannot carry out of them) or was made by the FPU (the default quiet
+  // NaN, low bits zero too); x86 arithmetic propagates an operand NaN's payload unchanged.
+  static __m256i round_bits(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    const __m256i qnan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-    r = _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    return _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  }
+  static P pack_bits(__m256i r) {
     const __m256i hi = _mm256_srli_epi32(r, 16);  // 8 x u32 in [0, 0xffff]
     // packus works per 128-bit lane: (a0..a3 a0..a3 | a4..a7 a4..a7) -> gather qwords 0 and 2
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0xd8));
   }
-  static void storep(uint16_t* p, P v, bool stream) {
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0)
+  static P pack(__m256 v) { return pack_bits(round_bits(v)); }
+  static P pack_rt(__m256 v, __m256* r) {
+    const __m256i b = round_bits(v);
+    *r = _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    return pack_bits(b);
+  }
+  static void storep(uint16_t* p, P v, bool st) {
+    if (st)
       _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
     else
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
@@ -59,7 +76,19 @@ struct BF16v {
 struct F16v : BF16v {
   static __m256 unpack(P p) { return _mm256_cvtph_ps(p); }
   static P pack(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static P pack_rt(__m256 v, __m256* r) {
+    const P p = pack(v);
+    *r = unpack(p);
+    return p;
+  }
 };
+
+// Non-temporal stores for this row's output: requested and the row start is aligned for them (8-element
+// steps then keep every vector aligned).
+template <class S>
+inline bool stream_row(bool stream, const void* p) {
+  return stream && (reinterpret_cast<uintptr_t>(p) & (S::kAlign - 1)) == 0;
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -165,6 +194,7 @@ struct Avx2Rows {
       const T* r = RES ? static_cast<const T*>(a.res) + i * res_stride : nullptr;
       T* h = RES ? static_cast<T*>(a.h) + i * N : nullptr;
       T* y = static_cast<T*>(a.out) + i * N;
+      const bool st_h = RES && stream_row<S>(stream, h), st_y = stream_row<S>(stream, y);
       // pass 1: h = round_T(x + r) -> row (fp32) and the h output; s = sum(h) or sum(h^2), blocked:
       // per-chunk partial sums folded into the total keep the rounding error near that of a pairwise sum
       __m256 s0 = _mm256_setzero_ps();
@@ -172,19 +202,17 @@ struct Avx2Rows {
       for (int64_t c = 0; c < nv; c += kChunk) {
         const int64_t ce = c + kChunk < nv ? c + kChunk : nv;
         __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
-        for (j = c; j < ce; j += 8) {
-          __m256 v = S::unpack(S::loadp(x + j));  // (8,)
-          if constexpr (RES) {
-            const typename S::P hp = S::pack(_mm256_add_ps(v, S::unpack(S::loadp(r + j))));
-            S::storep(h + j, hp, stream);
-            v = S::unpack(hp);
-          }
-          _mm256_store_ps(row + j, v);
-          if (j & 8)
-            p1 = RMS ? _mm256_fmadd_ps(v, v, p1) : _mm256_add_ps(p1, v);
-          else
-            p0 = RMS ? _mm256_fmadd_ps(v, v, p0) : _mm256_add_ps(p0, v);
+        const auto step = [&](int64_t k, __m256& acc) {
+          __m256 v = S::unpack(S::loadp(x + k));  // (8,)
+          if constexpr (RES) S::storep(h + k, S::pack_rt(_mm256_add_ps(v, S::unpack(S::loadp(r + k))), &v), st_h);
+          _mm256_store_ps(row + k, v);
+          acc = RMS ? _mm256_fmadd_ps(v, v, acc) : _mm256_add_ps(acc, v);
+        };
+        for (j = c; j + 16 <= ce; j += 16) {  // two accumulators hide the add latency
+          step(j, p0);
+          step(j + 8, p1);
         }
+        if (j < ce) step(j, p0);
         s0 = _mm256_add_ps(s0, _mm256_add_ps(p0, p1));
       }
       j = nv;
@@ -210,7 +238,7 @@ struct Avx2Rows {
       for (j = 0; j < nv; j += 8) {
         const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
         const __m256 v = _mm256_fmadd_ps(xh, _mm256_load_ps(wf + j), _mm256_load_ps(bf + j));
-        S::storep(y + j, S::pack(v), stream);
+        S::storep(y + j, S::pack(v), st_y);
       }
       if (rem) {
         const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(row + j), mv), rv);
@@ -249,6 +277,7 @@ struct Avx2Rows {
       const T* dy = static_cast<const T*>(a.dy) + i * dy_stride;
       const T* dh = DH ? static_cast<const T*>(a.dh) + i * dh_stride : nullptr;
       T* dx = static_cast<T*>(a.dx) + i * N;
+      const bool st_dx = stream_row<S>(stream, dx);
       // pass 1: h -> row (fp32, zero padded), blocked sum or sum of squares
       __m256 s0 = _mm256_setzero_ps();
       int64_t j = 0;
@@ -303,7 +332,7 @@ struct Avx2Rows {
         const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
         __m256 v = _mm256_mul_ps(rv, _mm256_fnmadd_ps(_mm256_load_ps(row + j), c1, t));
         if constexpr (DH) v = _mm256_add_ps(v, S::unpack(S::loadp(dh + j)));
-        S::storep(dx + j, S::pack(v), stream);
+        S::storep(dx + j, S::pack(v), st_dx);
       }
       if (rem) {
         const __m256 t = _mm256_sub_ps(_mm256_load_ps(gb + j), c2);
