@@ -232,23 +232,32 @@ def _op_args(op, dtype=torch.float32, requires_grad=True):
     return [a.requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     with fastllm.backend(backend):
         torch.library.opcheck(getattr(torch.ops.fastllm, op).default, _op_args(op))
         torch.library.opcheck(getattr(torch.ops.fastllm, op).default, _op_args(op, torch.bfloat16, False))
 
 
-def test_opcheck_backward_op():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_opcheck_backward_op(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     h, dy, dh = (torch.randn(4, 19) for _ in range(3))
     w = torch.randn(19)
-    for args in [(dy, dh, h, w, True, 1e-5, False), (dy, None, h, None, False, 1e-6, True)]:
-        torch.library.opcheck(torch.ops.fastllm.norm_backward.default, args)
+    with fastllm.backend(backend):
+        for args in [(dy, dh, h, w, True, 1e-5, False), (dy, None, h, None, False, 1e-6, True)]:
+            torch.library.opcheck(torch.ops.fastllm.norm_backward.default, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_torch_compile_fullgraph(backend):
     """The ops are opaque to dynamo: no graph break, and the compiled forward+backward matches eager."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch._dynamo.reset()
 
     def block(x, r, w1, b1, w2):
@@ -260,11 +269,14 @@ def test_torch_compile_fullgraph():
     leaves_e = [t.clone().requires_grad_(True) for t in inputs]
     leaves_c = [t.clone().requires_grad_(True) for t in inputs]
     compiled = torch.compile(block, fullgraph=True)
-    out_c = compiled(*leaves_c)
-    out_e = block(*leaves_e)
+    with fastllm.backend(backend), fastllm.explain() as log:
+        out_c = compiled(*leaves_c)
+        out_e = block(*leaves_e)
+        out_c.square().sum().backward()
+        out_e.square().sum().backward()
+    expected = backend if (backend == "triton" or fastllm._ext.C is not None) else "reference"
+    assert {d.backend for d in log} == {expected}
     torch.testing.assert_close(out_c, out_e)
-    out_c.square().sum().backward()
-    out_e.square().sum().backward()
     for a, b in zip(leaves_c, leaves_e, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
 

@@ -1,0 +1,88 @@
+"""The op framework: backend selection, explain/debug logging, the extension fallback, the info CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastllm
+import fastllm._ext
+
+
+def run_py(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_backend_context_and_env(monkeypatch):
+    x = torch.randn(3, 16)
+    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    with fastllm.explain() as log:
+        fastllm.rms_norm(x)
+        with fastllm.backend("cpp"):  # the context manager wins over the environment
+            fastllm.rms_norm(x)
+        monkeypatch.setenv("FASTLLM_BACKEND", "auto")
+        fastllm.rms_norm(x)
+    cpp = "cpp" if fastllm._ext.C is not None else "reference"
+    assert [d.backend for d in log] == ["reference", cpp, cpp]
+    assert "requested" in log[0].reason
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="expected one of auto, triton, cpp, reference"), fastllm.backend("cuda"):
+        pass
+    monkeypatch.setenv("FASTLLM_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTLLM_BACKEND"):
+        fastllm.layer_norm(torch.randn(2, 4))
+
+
+def test_forced_backend_that_cannot_run_falls_back_with_reason():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with fastllm.backend("triton"), fastllm.explain() as log:
+        out = fastllm.layer_norm(x)
+    assert log[0].backend == "reference" and log[0].reason.startswith("triton:")
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
+
+
+def test_debug_logging_names_the_path():
+    r = run_py("import torch, fastllm; fastllm.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8))", FASTLLM_DEBUG="1")
+    assert r.returncode == 0, r.stderr
+    assert "[fastllm] add_rms_norm[2, 8] float32 on cpu:" in r.stderr
+
+
+def test_no_cpp_imports_warns_once_and_uses_reference():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastllm, fastllm.nn\n"
+        "    with fastllm.explain() as log:\n"
+        "        fastllm.layer_norm(torch.randn(2, 8)); fastllm.rms_norm(torch.randn(2, 8))\n"
+        "print(sum('C++ extension not available' in str(x.message) for x in w), log[0].backend, log[1].backend)\n"
+    )
+    r = run_py(code, FASTLLM_NO_CPP="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "reference", "reference"]
+
+
+def test_info_cli():
+    r = subprocess.run([sys.executable, "-m", "fastllm", "info"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for needle in ("fastllm", "torch", "triton", "cpu features", "fastllm._C", "add_rms_norm"):
+        assert needle in r.stdout
+    if fastllm._ext.C is not None:
+        assert f"ISA path     {fastllm._ext.C.isa()}" in r.stdout
+
+
+def test_no_torch_headers_in_cpp():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kernels" / "cpp"
+    sources = list(root.glob("*.cpp")) + list(root.glob("*.h"))
+    assert sources
+    for f in sources:
+        assert "#include <torch" not in f.read_text(), f
+        assert "#include <ATen" not in f.read_text(), f
