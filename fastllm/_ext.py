@@ -35,6 +35,13 @@ if C is None:
     warnings.warn(f"fastllm: C++ extension not available: {STATUS}. CPU ops use the reference path.", stacklevel=2)
 
 
-def num_threads() -> int:
-    """OpenMP threads for a kernel call: follows torch.get_num_threads()."""
-    return max(1, torch.get_num_threads())
+# Elements of work per OpenMP thread below which a call does not fork (torch's own GRAIN_SIZE). A tiny
+# op on 2 threads waits at the barrier for the slower thread; if another process holds that core, the
+# wait is a scheduler time slice (milliseconds, measured here), so small calls stay on one thread.
+GRAIN = 32768
+
+
+def num_threads(work: int | None = None) -> int:
+    """OpenMP threads for a kernel call: torch.get_num_threads(), fewer for small `work` (elements)."""
+    n = max(1, torch.get_num_threads())
+    return n if work is None else max(1, min(n, work // GRAIN))

@@ -117,7 +117,7 @@ def _fwd_cpp(x, residual, weight, bias, eps, rms):
     _ext.C.norm_fwd(
         out=out.data_ptr(), h=ptr(h), x=x2.data_ptr(), res=ptr(r2), w=ptr(w), b=ptr(b), M=x2.shape[0], N=n,
         x_stride=x2.stride(0), res_stride=r2.stride(0) if r2 is not None else 0, eps=eps, rms=rms,
-        stream=stream, dtype=_ext.DTYPE_CODES[x.dtype], nthreads=_ext.num_threads(),
+        stream=stream, dtype=_ext.DTYPE_CODES[x.dtype], nthreads=_ext.num_threads(x.numel()),
     )  # fmt: skip
     return out, h
 
@@ -145,7 +145,7 @@ def _bwd_cpp(dy, dh, h, weight, has_bias, eps, rms):
         dx=dx.data_ptr(), dw=ptr(dw), db=ptr(db), dy=dy2.data_ptr(), dh=ptr(dh2), h=h2.data_ptr(), w=ptr(w),
         M=h2.shape[0], N=n, dy_stride=dy2.stride(0), dh_stride=dh2.stride(0) if dh2 is not None else 0,
         h_stride=h2.stride(0), eps=eps, rms=rms, stream=dx.nbytes >= STREAM_BYTES,
-        dtype=_ext.DTYPE_CODES[h.dtype], nthreads=_ext.num_threads(),
+        dtype=_ext.DTYPE_CODES[h.dtype], nthreads=_ext.num_threads(h.numel()),
     )  # fmt: skip
     return dx, dw, db
 

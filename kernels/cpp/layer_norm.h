@@ -78,7 +78,7 @@ void run_norm_fwd(const NormFwd& a) {
   const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
   const int64_t per = fwd_scratch(a.N);
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     Rows::fwd(a, a.M * t / T, a.M * (t + 1) / T, scratch + t * per);
@@ -97,7 +97,7 @@ void run_norm_bwd(const NormBwd& a) {
   const int64_t per = 7 * Np;  // row, g, weight, dw/db partials (inner), dw/db partials (outer)
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   std::memset(scratch, 0, sizeof(float) * static_cast<size_t>(nt) * per);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
     Rows::bwd(a, a.M * t / T_, a.M * (t + 1) / T_, scratch + t * per);
@@ -105,7 +105,7 @@ void run_norm_bwd(const NormBwd& a) {
   if (a.dw != nullptr || a.db != nullptr) {
     T* dw = static_cast<T*>(a.dw);
     T* db = static_cast<T*>(a.db);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && a.N >= 4096)
     for (int64_t j = 0; j < a.N; ++j) {
       float sw = 0.f, sb = 0.f;
       for (int t = 0; t < nt; ++t) {
