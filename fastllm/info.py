@@ -87,7 +87,8 @@ def report() -> str:
         lines.append(f"  ISA path     {_ext.C.isa()} (AVX2 path available: {_ext.C.avx2_available()}; "
                      f"FASTLLM_ISA=scalar forces the portable path)")  # fmt: skip
         lines.append(
-            f"  OpenMP       max threads {_ext.C.openmp_max_threads()}, calls use torch.get_num_threads(), 1 below 32K elements per thread"
+            f"  OpenMP       max threads {_ext.C.openmp_max_threads()}; calls use torch.get_num_threads(), "
+            "one thread below 32K elements per thread"
         )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
