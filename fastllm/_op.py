@@ -93,7 +93,10 @@ def define_op(
     backward: Callable | None = None,
     setup_context: Callable | None = None,
 ):
-    """Register `fastllm::<schema>` as a torch.library.custom_op and return it (callable like a function)."""
+    """Register `fastllm::<schema>` as a torch.library.custom_op; return torch.ops.fastllm.<name>.default.
+
+    Calling the OpOverload rather than the CustomOpDef skips a Python wrapper layer (~30 us per eager call here).
+    """
     name = schema.split("(", 1)[0]
     kernels = {"cpp": cpp, "triton": triton}
 
@@ -112,4 +115,4 @@ def define_op(
     op.register_fake(fake_impl)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
-    return op
+    return getattr(torch.ops.fastllm, name).default
