@@ -6,8 +6,8 @@ Timing: pytest-benchmark runs each implementation (warm-up rounds, then many rou
 rotate through enough copies that the working set of consecutive rounds exceeds twice the last-level
 cache, so nothing is timed from a warm cache. On CUDA each round ends with a synchronize.
 
-Ceilings, measured here, not quoted: memory bandwidth = the best large copy (torch copy_, and the
-multi-threaded memcpy of fastllm._C on CPU), counting read + write bytes; compute = the best of an FMA
+Ceilings, measured here, not quoted: memory bandwidth = the best large copy (torch copy_, and on CPU the
+multi-threaded memcpy and non-temporal copy of fastllm._C), counting read + write bytes; compute = the best of an FMA
 loop (fastllm._C) and a large fp32 GEMM (CPU) or a bf16 GEMM (CUDA).
 """
 

@@ -41,8 +41,12 @@ def assert_equivalent(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor,
         raise AssertionError(
             f"{name}: NaN pattern differs from the reference at {int(bad_nan.sum())} places, first {idx}"
         )
-    tol = 2 * max_abs_err(eager, ref) + floor(out.dtype, ref)
     finite = torch.isfinite(r)
+    bad_inf = torch.isinf(r) & (o != r)
+    if bad_inf.any():
+        idx = tuple(bad_inf.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: reference is {r[idx].item()} at {idx}, got {o[idx].item():.6g}")
+    tol = 2 * max_abs_err(eager, ref) + floor(out.dtype, ref)
     diff = torch.where(finite, (o - r).abs(), torch.zeros_like(o))
     bad = diff > tol
     if bad.any():
