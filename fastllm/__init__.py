@@ -7,7 +7,15 @@ take -> the plain-PyTorch reference beside the op. See `fastllm.backend` and `fa
 
 from fastllm import nn
 from fastllm._backend import Dispatch, backend, explain, get_backend
-from fastllm.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastllm.ops import (
+    add_layer_norm,
+    add_rms_norm,
+    decode_attention,
+    flash_attention,
+    layer_norm,
+    rms_norm,
+    scaled_dot_product_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -16,9 +24,12 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "backend",
+    "decode_attention",
     "explain",
+    "flash_attention",
     "get_backend",
     "layer_norm",
     "nn",
     "rms_norm",
+    "scaled_dot_product_attention",
 ]

@@ -1,5 +1,14 @@
 """fastllm ops: one module per op family, each registering torch ops in the fastllm:: namespace."""
 
+from fastllm.ops.attention import decode_attention, flash_attention, scaled_dot_product_attention
 from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "decode_attention",
+    "flash_attention",
+    "layer_norm",
+    "rms_norm",
+    "scaled_dot_product_attention",
+]

@@ -2,9 +2,12 @@
 // passes raw data pointers (as integers), sizes and strides, so this binary works with any torch version.
 // Every kernel call releases the GIL. Thread counts come from Python (torch.get_num_threads()).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
+#include "attention.h"
 #include "common.h"
 #include "layer_norm.h"
 
@@ -13,6 +16,8 @@ namespace py = pybind11;
 namespace fastllm {
 void norm_fwd(const NormFwd& a);
 void norm_bwd(const NormBwd& a);
+void attn_fwd(const AttnFwd& a);
+void attn_bwd(const AttnBwd& a);
 std::string set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 bool cpu_has(const char* name);
@@ -24,11 +29,40 @@ double fma_loop(int64_t iters, int nthreads, bool avx2);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 1;
+constexpr int kAbi = 2;
 
 template <class T>
 T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+using Strides = std::vector<int64_t>;
+
+void copy_strides(int64_t* dst, const Strides& src, size_t n, const char* name) {
+  if (src.size() != n) throw std::invalid_argument(std::string("attention: ") + name + " needs " + std::to_string(n) + " strides");
+  for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+fastllm::AttnShape attn_shape(uintptr_t q, uintptr_t k, uintptr_t v, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq,
+                              int64_t Sk, int64_t D, const Strides& qs, const Strides& ks, const Strides& vs,
+                              uintptr_t mask, int mask_dtype, const Strides& ms, bool causal, bool bottom_right,
+                              double scale, int dtype, int nthreads) {
+  fastllm::AttnShape s{};
+  s.q = ptr<const void>(q);
+  s.k = ptr<const void>(k);
+  s.v = ptr<const void>(v);
+  s.B = B, s.Hq = Hq, s.Hkv = Hkv, s.Sq = Sq, s.Sk = Sk, s.D = D;
+  copy_strides(s.qs, qs, 3, "q");
+  copy_strides(s.ks, ks, 3, "k");
+  copy_strides(s.vs, vs, 3, "v");
+  s.mask = ptr<const void>(mask);
+  s.mask_dtype = mask == 0 ? fastllm::kMaskNone : mask_dtype;
+  copy_strides(s.ms, ms, 4, "mask");
+  s.causal = causal, s.bottom_right = bottom_right;
+  s.scale = static_cast<float>(scale);
+  s.dtype = dtype;
+  s.nthreads = nthreads < 1 ? 1 : nthreads;
+  return s;
 }
 
 }  // namespace
@@ -75,6 +109,55 @@ PYBIND11_MODULE(_C, m) {
       py::arg("M"), py::arg("N"), py::arg("dy_stride"), py::arg("dh_stride"), py::arg("h_stride"), py::arg("eps"),
       py::arg("rms"), py::arg("stream"), py::arg("dtype"), py::arg("nthreads"),
       py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "attn_fwd",
+      [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, int64_t B, int64_t Hq, int64_t Hkv,
+         int64_t Sq, int64_t Sk, int64_t D, const Strides& q_strides, const Strides& k_strides,
+         const Strides& v_strides, uintptr_t mask, int mask_dtype, const Strides& mask_strides, uintptr_t kv_len,
+         bool causal, bool bottom_right, double scale, int dtype, int nthreads) {
+        AttnFwd a{};
+        a.s = attn_shape(q, k, v, B, Hq, Hkv, Sq, Sk, D, q_strides, k_strides, v_strides, mask, mask_dtype,
+                         mask_strides, causal, bottom_right, scale, dtype, nthreads);
+        a.out = ptr<void>(out);
+        a.lse = ptr<float>(lse);
+        a.kv_len = ptr<const int32_t>(kv_len);
+        py::gil_scoped_release release;
+        attn_fwd(a);
+      },
+      py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("Hq"),
+      py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
+      py::arg("v_strides"), py::arg("mask"), py::arg("mask_dtype"), py::arg("mask_strides"), py::arg("kv_len"),
+      py::arg("causal"), py::arg("bottom_right"), py::arg("scale"), py::arg("dtype"), py::arg("nthreads"),
+      "Flash attention forward: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32.");
+
+  m.def(
+      "attn_bwd",
+      [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
+         uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
+         const Strides& q_strides, const Strides& k_strides, const Strides& v_strides, const Strides& o_strides,
+         const Strides& do_strides, uintptr_t mask, int mask_dtype, const Strides& mask_strides, bool causal,
+         bool bottom_right, double scale, int dtype, int nthreads) {
+        AttnBwd a{};
+        a.s = attn_shape(q, k, v, B, Hq, Hkv, Sq, Sk, D, q_strides, k_strides, v_strides, mask, mask_dtype,
+                         mask_strides, causal, bottom_right, scale, dtype, nthreads);
+        a.dq = ptr<void>(dq);
+        a.dk = ptr<void>(dk);
+        a.dv = ptr<void>(dv);
+        a.dout = ptr<const void>(dout);
+        a.out = ptr<const void>(out);
+        a.lse = ptr<const float>(lse);
+        copy_strides(a.os, o_strides, 3, "out");
+        copy_strides(a.dos, do_strides, 3, "dout");
+        py::gil_scoped_release release;
+        attn_bwd(a);
+      },
+      py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+      py::arg("out"), py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"),
+      py::arg("D"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"),
+      py::arg("do_strides"), py::arg("mask"), py::arg("mask_dtype"), py::arg("mask_strides"), py::arg("causal"),
+      py::arg("bottom_right"), py::arg("scale"), py::arg("dtype"), py::arg("nthreads"),
+      "Flash attention backward: dq, dk, dv (contiguous) from dout, q, k, v, out and the forward's lse.");
 
   m.def(
       "copy_bytes",

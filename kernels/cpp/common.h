@@ -82,18 +82,24 @@ static inline uint16_t f32_to_f16(float f) {
 // Scalar storage policies: load one element as fp32 / round one fp32 into storage.
 struct F32s {
   using T = float;
+  static constexpr int kCode = kF32;
+  static constexpr bool kIsF32 = true;
   static float load(const float* p) { return *p; }
   static float from(float v) { return v; }
   static float to(float v) { return v; }
 };
 struct BF16s {
   using T = uint16_t;
+  static constexpr int kCode = kBF16;
+  static constexpr bool kIsF32 = false;
   static float load(const uint16_t* p) { return bf16_to_f32(*p); }
   static uint16_t from(float v) { return f32_to_bf16(v); }
   static float to(uint16_t v) { return bf16_to_f32(v); }
 };
 struct F16s {
   using T = uint16_t;
+  static constexpr int kCode = kF16;
+  static constexpr bool kIsF32 = false;
   static float load(const uint16_t* p) { return f16_to_f32(*p); }
   static uint16_t from(float v) { return f32_to_f16(v); }
   static float to(uint16_t v) { return f16_to_f32(v); }
@@ -108,5 +114,7 @@ static inline float* alloc_floats(size_t n) {
 }
 
 static inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 }  // namespace fastllm

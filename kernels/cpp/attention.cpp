@@ -1,0 +1,108 @@
+// Flash attention, portable path (any CPU the compiler targets) and the ISA dispatch. The tiling, masks,
+// online softmax, splits and backward are the drivers of attention.h; this file gives them plain loops.
+#include "attention.h"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace fastllm {
+namespace {
+
+struct ScalarOps {
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                   int64_t b_ks, float* C, int64_t ldc, bool acc) {
+    for (int64_t r = 0; r < M; ++r) {
+      float* c = C + r * ldc;
+      if (!acc)
+        for (int64_t n = 0; n < N; ++n) c[n] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float av = A[r * a_rs + k * a_ks];
+        const float* b = B + k * b_ks;
+        for (int64_t n = 0; n < N; ++n) c[n] += av * b[n];
+      }
+    }
+  }
+  static void vmax(float* acc, const float* x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = x[j] > acc[j] ? x[j] : acc[j];
+  }
+  static void vadd(float* acc, const float* x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+  }
+  static void exp2_sub(float* x, const float* m, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] - m[j]);
+  }
+  static void dsoftmax(float* dp, const float* p, const float* delta, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta[j]);
+  }
+  static void scale(float* x, int64_t n, float s) {
+    for (int64_t j = 0; j < n; ++j) x[j] *= s;
+  }
+  static void axpby(float* y, const float* x, int64_t n, float a) {
+    for (int64_t j = 0; j < n; ++j) y[j] = a * y[j] + x[j];
+  }
+  static void axpy(float* y, const float* x, int64_t n, float w) {
+    for (int64_t j = 0; j < n; ++j) y[j] += w * x[j];
+  }
+  template <class S>
+  static void load_row(float* dst, const typename S::T* src, int64_t D, int64_t Dp) {
+    int64_t d = 0;
+    for (; d < D; ++d) dst[d] = S::load(src + d);
+    for (; d < Dp; ++d) dst[d] = 0.f;
+  }
+  template <class S>
+  static void store_row(typename S::T* dst, const float* src, int64_t D) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = S::from(src[d]);
+  }
+};
+
+}  // namespace
+
+void attn_fwd_scalar(const AttnFwd& a) {
+  switch (a.s.dtype) {
+    case kBF16: return attn_fwd_impl<ScalarOps, BF16s>(a);
+    case kF16: return attn_fwd_impl<ScalarOps, F16s>(a);
+    default: return attn_fwd_impl<ScalarOps, F32s>(a);
+  }
+}
+
+void attn_bwd_scalar(const AttnBwd& a) {
+  switch (a.s.dtype) {
+    case kBF16: return attn_bwd_impl<ScalarOps, BF16s>(a);
+    case kF16: return attn_bwd_impl<ScalarOps, F16s>(a);
+    default: return attn_bwd_impl<ScalarOps, F32s>(a);
+  }
+}
+
+namespace {
+void check_shape(const AttnShape& s) {
+  if (s.q == nullptr || s.k == nullptr || s.v == nullptr) throw std::invalid_argument("attention: missing pointer");
+  if (s.B < 1 || s.Hq < 1 || s.Hkv < 1 || s.Sq < 1 || s.Sk < 1 || s.D < 1 || s.Hq % s.Hkv != 0)
+    throw std::invalid_argument("attention: bad shape (empty inputs are handled in Python)");
+  if (s.dtype != kF32 && s.dtype != kBF16 && s.dtype != kF16) throw std::invalid_argument("attention: bad dtype code");
+  if (s.mask != nullptr && s.mask_dtype != kMaskBool && s.mask_dtype != kF32 && s.mask_dtype != kBF16 &&
+      s.mask_dtype != kF16)
+    throw std::invalid_argument("attention: bad mask dtype code");
+}
+}  // namespace
+
+void attn_fwd(const AttnFwd& a) {
+  check_shape(a.s);
+  if (a.out == nullptr || a.lse == nullptr) throw std::invalid_argument("attn_fwd: missing output pointer");
+#ifdef FASTLLM_HAVE_AVX2
+  if (active_isa() == Isa::kAvx2) return attn_fwd_avx2(a);
+#endif
+  attn_fwd_scalar(a);
+}
+
+void attn_bwd(const AttnBwd& a) {
+  check_shape(a.s);
+  if (a.dq == nullptr || a.dk == nullptr || a.dv == nullptr || a.dout == nullptr || a.out == nullptr ||
+      a.lse == nullptr)
+    throw std::invalid_argument("attn_bwd: missing pointer");
+#ifdef FASTLLM_HAVE_AVX2
+  if (active_isa() == Isa::kAvx2) return attn_bwd_avx2(a);
+#endif
+  attn_bwd_scalar(a);
+}
+
+}  // namespace fastllm
