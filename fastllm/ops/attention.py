@@ -14,8 +14,8 @@ All three are one torch op underneath, fastllm::attention_fwd, which returns (ou
                         and (not causal or j <= i + offset_b)    offset_b = Sk_b - Sq (bottom-right) or 0
                         and mask[b, h, i, j]                      (bool masks; True = attend)
     s = scale * q.k (+ mask, for additive float masks);  out_i = softmax over visible j of s, times v
-    lse_i = log sum_j exp(s_ij) over visible j (natural log, fp32; float64 for float64 inputs); rows with no visible key get out = 0
-    and lse = +inf (so that the backward's exp(s - lse) is 0 there, never NaN).
+    lse_i = log sum_j exp(s_ij) over visible j (natural log; fp32, float64 for float64 inputs); rows with
+    no visible key get out = 0 and lse = +inf (so that the backward's exp(s - lse) is 0 there, never NaN).
 
 The backward (fastllm::attention_bwd) recomputes the probabilities from q, k and lse (FlashAttention-2);
 nothing of size (Sq, Sk) is saved. A float mask gets no gradient.
@@ -143,12 +143,12 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def _check_qkv(op: str, q, k, v, names=("q", "k", "v")) -> None:
     nq, nk, nv = names
-    for arg, t in zip(names, (q, k, v)):
+    for arg, t in zip(names, (q, k, v), strict=True):
         check_tensor(op, arg, t)
     check_float(op, nq, q)
     check_like(op, nk, k, nq, q)
     check_like(op, nv, v, nq, q)
-    for arg, t in zip(names, (q, k, v)):
+    for arg, t in zip(names, (q, k, v), strict=True):
         if t.dim() != 4:
             raise ValueError(f"{op}: {arg} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     B, Hq, _, D = q.shape
@@ -177,7 +177,7 @@ def _check_mask(op: str, mask, q, Sk: int) -> None:
         raise ValueError(f"{op}: attn_mask is on {mask.device} but q is on {q.device}")
     B, Hq, Sq, _ = q.shape
     full = (B, Hq, Sq, Sk)
-    if mask.dim() != 4 or any(m != 1 and m != f for m, f in zip(mask.shape, full)):
+    if mask.dim() != 4 or any(m != 1 and m != f for m, f in zip(mask.shape, full, strict=True)):
         raise ValueError(f"{op}: attn_mask of shape {tuple(mask.shape)} does not broadcast to {full} (B, Hq, Sq, Sk)")
 
 
@@ -240,7 +240,7 @@ def _mask_args(mask, q, Sk):
         return 0, -1, (0, 0, 0, 0)
     m = mask.expand(q.shape[0], q.shape[1], q.shape[2], Sk)
     code = 3 if m.dtype == torch.bool else _ext.DTYPE_CODES[m.dtype]
-    strides = tuple(s if n > 1 else 0 for s, n in zip(m.stride(), m.shape))
+    strides = tuple(s if n > 1 else 0 for s, n in zip(m.stride(), m.shape, strict=True))
     return m.data_ptr(), code, strides
 
 
@@ -331,7 +331,7 @@ attention_bwd = define_op(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kv_len, causal, bottom_right, scale = inputs
+    q, k, v, mask, _, causal, bottom_right, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask)
     ctx.causal, ctx.bottom_right, ctx.scale = causal, bottom_right, scale
