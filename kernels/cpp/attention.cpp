@@ -10,7 +10,7 @@ namespace {
 
 struct ScalarOps {
   static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                   int64_t b_ks, float* C, int64_t ldc, bool acc) {
+                   int64_t b_ks, float* C, int64_t ldc, bool acc, float* colmax = nullptr) {
     for (int64_t r = 0; r < M; ++r) {
       float* c = C + r * ldc;
       if (!acc)
@@ -20,6 +20,19 @@ struct ScalarOps {
         const float* b = B + k * b_ks;
         for (int64_t n = 0; n < N; ++n) c[n] += av * b[n];
       }
+      if (colmax != nullptr)
+        for (int64_t n = 0; n < N; ++n) colmax[n] = c[n] > colmax[n] ? c[n] : colmax[n];
+    }
+  }
+  static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float* sum) {
+    for (int64_t c = 0; c < w; ++c) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = std::exp2(St[j * ld + c] - m[c]);
+        St[j * ld + c] = e;
+        acc += e;
+      }
+      if (sum != nullptr) sum[c] = acc;
     }
   }
   static void vmax(float* acc, const float* x, int64_t n) {
@@ -27,9 +40,6 @@ struct ScalarOps {
   }
   static void vadd(float* acc, const float* x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
-  }
-  static void exp2_sub(float* x, const float* m, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] - m[j]);
   }
   static void dsoftmax(float* dp, const float* p, const float* delta, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta[j]);

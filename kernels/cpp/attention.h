@@ -162,6 +162,11 @@ struct BoolMask {  // torch.bool is one byte, 0 or 1
 
 inline void apply_mask(const AttnShape& s, const RowInfo* info, int64_t M, int64_t kb, int64_t n, float* St,
                        int64_t Mp) {
+  if (s.mask == nullptr) {  // row limits only (causal, kv_len): blank the tail of each column, no per-element test
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = imax(0, info[r].lim - kb); j < n; ++j) St[j * Mp + r] = kNegInf;
+    return;
+  }
   switch (s.mask_dtype) {
     case kMaskBool: return apply_mask_t<BoolMask>(s, info, M, kb, n, St, Mp);
     case kBF16: return apply_mask_t<BF16s>(s, info, M, kb, n, St, Mp);
@@ -267,23 +272,23 @@ void attn_fwd_impl(const AttnFwd& a) {
         const int64_t n = imin(BN, k1 - kb);
         int64_t ldk, ldv;
         const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, false, Kc, &ldk);
-        Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
-        if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp);
-        // online softmax over this block, column-wise (one column per query row)
         for (int64_t r = 0; r < Mp; ++r) mx[r] = kNegInf;
-        for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
+        if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
+          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+          apply_mask(s, info, M, kb, n, St, Mp);
+          for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
+        } else {
+          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false, mx);
+        }
+        // online softmax over this block, column-wise (one column per query row)
         for (int64_t r = 0; r < Mp; ++r) {
           const float mn = m[r] > mx[r] ? m[r] : mx[r];
           const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - mn);
           mu[r] = mn == kNegInf ? 0.f : mn;
           m[r] = mn;
           mx[r] = alpha;  // reuse mx for alpha
-          lsum[r] = 0.f;
         }
-        for (int64_t j = 0; j < n; ++j) {
-          Ops::exp2_sub(St + j * Mp, mu, Mp);
-          Ops::vadd(lsum, St + j * Mp, Mp);
-        }
+        Ops::exp2_block(St, n, Mp, Mp, mu, lsum);
         for (int64_t r = 0; r < Mp; ++r) l[r] = l[r] * mx[r] + lsum[r];
         // O = alpha O + P^T V, the block's product formed on its own first: O's rounding error then grows
         // with the number of key blocks plus BN, not with Sk (a sequential sum over all keys)
@@ -447,7 +452,7 @@ void attn_bwd_impl(const AttnBwd& a) {
           const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, false, Vc, &ldv);
           Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
           if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp);
-          for (int64_t j = 0; j < n; ++j) Ops::exp2_sub(St + j * Mp, lse2, Mp);  // P^T
+          Ops::exp2_block(St, n, Mp, Mp, lse2, nullptr);  // P^T
           float* dKb = dKa + (kb - c0) * Dp;
           float* dVb = dVa + (kb - c0) * Dp;
           Ops::gemm(n, Dp, M, St, Mp, 1, dOr, Dp, Tb, Dp, false);  // dV += P^T dO

@@ -4,9 +4,8 @@
 // 12 fp32 accumulators in registers (BLIS-style 6x16, Van Zee & van de Geijn 2015). B rows are read as
 // vectors (unit stride along the columns), A elements are broadcast; A's row and k strides are free, which
 // lets one kernel compute K Qt, P^T V, P dO, V dO^T, dS Q and dS^T K without transposing any operand.
-// exp2: Cody-Waite style split x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (relative
-// error < 1e-8, below fp32 rounding), times 2^n built in the exponent bits; x <= -127 (and -inf) gives
-// exactly 0, so masked scores contribute nothing.
+// exp2: split x = n + f, |f| <= 1/2, 2^f by a degree-6 polynomial (about one ulp), times 2^n built in the
+// exponent bits; x <= -127 (and -inf) gives exactly 0, so masked scores contribute nothing.
 #include <immintrin.h>
 
 #include "attention.h"
@@ -18,66 +17,138 @@ inline __m256 exp2_ps(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // -inf -> -127 -> 2^-127 built as +0.0 below
   x = _mm256_min_ps(_mm256_set1_ps(127.f), x);
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));  // f ln 2
-  // e^g for |g| <= ln2/2, Horner
-  __m256 p = _mm256_set1_ps(1.f / 5040.f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 720.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256 f = _mm256_sub_ps(x, n);
+  // 2^f on [-1/2, 1/2]: degree-6 least-squares fit on Chebyshev nodes with p(0) = 1 (relative error ~1e-7
+  // evaluated in fp32, i.e. about one ulp); Horner with FMAs
+  __m256 p = _mm256_set1_ps(1.5467364573851228e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3400432653725147e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618035517632961e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550327152013779e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650718688965e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-1f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
   // 2^n: n + 127 in the exponent field; n = -127 gives the bit pattern of +0.0
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// Accumulators are named variables (an array of __m256 made GCC spill all 12 of them to the stack on every
+// k step); `if constexpr` drops the rows and the second vector a variant does not have.
 template <int R, int NV>
 inline void ukr(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t b_ks, float* C,
-                int64_t ldc, bool acc) {
-  __m256 c[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
-  const float* ap[R];
-  for (int r = 0; r < R; ++r) ap[r] = A + r * a_rs;
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * b_ks + 8 * v);
-    const int64_t ak = k * a_ks;
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ap[r] + ak);
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm256_fmadd_ps(av, b[v], c[r][v]);
-    }
+                int64_t ldc, bool acc, float* colmax) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define FASTLLM_LOADC(r, c0, c1)                                  \
+  if constexpr (R > r) {                                          \
+    c0 = _mm256_loadu_ps(C + r * ldc);                            \
+    if constexpr (NV > 1) c1 = _mm256_loadu_ps(C + r * ldc + 8);  \
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+  if (acc) {
+    FASTLLM_LOADC(0, c00, c01)
+    FASTLLM_LOADC(1, c10, c11)
+    FASTLLM_LOADC(2, c20, c21)
+    FASTLLM_LOADC(3, c30, c31)
+    FASTLLM_LOADC(4, c40, c41)
+    FASTLLM_LOADC(5, c50, c51)
+  }
+#undef FASTLLM_LOADC
+  const float* a0 = A;
+  const float* a1 = A + a_rs;
+  const float* a2 = A + 2 * a_rs;
+  const float* a3 = A + 3 * a_rs;
+  const float* a4 = A + 4 * a_rs;
+  const float* a5 = A + 5 * a_rs;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B);
+    const __m256 b1 = NV > 1 ? _mm256_loadu_ps(B + 8) : b0;
+    B += b_ks;
+#define FASTLLM_STEP(r, ap, c0, c1)                       \
+  if constexpr (R > r) {                                  \
+    const __m256 av = _mm256_broadcast_ss(ap);            \
+    c0 = _mm256_fmadd_ps(av, b0, c0);                     \
+    if constexpr (NV > 1) c1 = _mm256_fmadd_ps(av, b1, c1); \
+    ap += a_ks;                                           \
+  }
+    FASTLLM_STEP(0, a0, c00, c01)
+    FASTLLM_STEP(1, a1, c10, c11)
+    FASTLLM_STEP(2, a2, c20, c21)
+    FASTLLM_STEP(3, a3, c30, c31)
+    FASTLLM_STEP(4, a4, c40, c41)
+    FASTLLM_STEP(5, a5, c50, c51)
+#undef FASTLLM_STEP
+  }
+#define FASTLLM_STOREC(r, c0, c1)                                 \
+  if constexpr (R > r) {                                          \
+    _mm256_storeu_ps(C + r * ldc, c0);                            \
+    if constexpr (NV > 1) _mm256_storeu_ps(C + r * ldc + 8, c1);  \
+  }
+  FASTLLM_STOREC(0, c00, c01)
+  FASTLLM_STOREC(1, c10, c11)
+  FASTLLM_STOREC(2, c20, c21)
+  FASTLLM_STOREC(3, c30, c31)
+  FASTLLM_STOREC(4, c40, c41)
+  FASTLLM_STOREC(5, c50, c51)
+#undef FASTLLM_STOREC
+  if (colmax != nullptr) {  // epilogue: column maxima of this tile folded into colmax (the softmax row max)
+    __m256 m0 = _mm256_loadu_ps(colmax), m1 = NV > 1 ? _mm256_loadu_ps(colmax + 8) : m0;
+#define FASTLLM_MAXC(r, c0, c1)                  \
+  if constexpr (R > r) {                         \
+    m0 = _mm256_max_ps(m0, c0);                  \
+    if constexpr (NV > 1) m1 = _mm256_max_ps(m1, c1); \
+  }
+    FASTLLM_MAXC(0, c00, c01)
+    FASTLLM_MAXC(1, c10, c11)
+    FASTLLM_MAXC(2, c20, c21)
+    FASTLLM_MAXC(3, c30, c31)
+    FASTLLM_MAXC(4, c40, c41)
+    FASTLLM_MAXC(5, c50, c51)
+#undef FASTLLM_MAXC
+    _mm256_storeu_ps(colmax, m0);
+    if constexpr (NV > 1) _mm256_storeu_ps(colmax + 8, m1);
+  }
 }
 
 template <int NV>
 inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                       int64_t b_ks, float* C, int64_t ldc, bool acc) {
+                       int64_t b_ks, float* C, int64_t ldc, bool acc, float* cm) {
   int64_t m0 = 0;
-  for (; m0 + 6 <= M; m0 += 6) ukr<6, NV>(K, A + m0 * a_rs, a_rs, a_ks, B, b_ks, C + m0 * ldc, ldc, acc);
+  for (; m0 + 6 <= M; m0 += 6) ukr<6, NV>(K, A + m0 * a_rs, a_rs, a_ks, B, b_ks, C + m0 * ldc, ldc, acc, cm);
   const float* a = A + m0 * a_rs;
   float* cc = C + m0 * ldc;
   switch (M - m0) {
-    case 5: ukr<5, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc); break;
-    case 4: ukr<4, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc); break;
-    case 3: ukr<3, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc); break;
-    case 2: ukr<2, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc); break;
-    case 1: ukr<1, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc); break;
+    case 5: ukr<5, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
+    case 4: ukr<4, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
+    case 3: ukr<3, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
+    case 2: ukr<2, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
+    case 1: ukr<1, NV>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
     default: break;
   }
 }
 
 struct Avx2Ops {
   // C (M x N) (+)= A B, A(r, k) = A[r * a_rs + k * a_ks], B(k, n) = B[k * b_ks + n]; N a multiple of 8.
+  // colmax (N floats) or null: colmax = max(colmax, max over the rows of C), computed from the registers.
   static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                   int64_t b_ks, float* C, int64_t ldc, bool acc) {
+                   int64_t b_ks, float* C, int64_t ldc, bool acc, float* colmax = nullptr) {
     int64_t n0 = 0;
-    for (; n0 + 16 <= N; n0 += 16) gemm_strip<2>(M, K, A, a_rs, a_ks, B + n0, b_ks, C + n0, ldc, acc);
-    if (n0 < N) gemm_strip<1>(M, K, A, a_rs, a_ks, B + n0, b_ks, C + n0, ldc, acc);
+    for (; n0 + 16 <= N; n0 += 16)
+      gemm_strip<2>(M, K, A, a_rs, a_ks, B + n0, b_ks, C + n0, ldc, acc, colmax ? colmax + n0 : nullptr);
+    if (n0 < N) gemm_strip<1>(M, K, A, a_rs, a_ks, B + n0, b_ks, C + n0, ldc, acc, colmax ? colmax + n0 : nullptr);
+  }
+  // St (n x ld, columns [0, w)) = exp2(St - m[col]); sum[col] = the column sums (when sum is not null).
+  static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float* sum) {
+    for (int64_t c = 0; c < w; c += 8) {
+      const __m256 mv = _mm256_loadu_ps(m + c);
+      __m256 acc = _mm256_setzero_ps();
+      float* p = St + c;
+      for (int64_t j = 0; j < n; ++j, p += ld) {
+        const __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+        _mm256_storeu_ps(p, e);
+        acc = _mm256_add_ps(acc, e);
+      }
+      if (sum != nullptr) _mm256_storeu_ps(sum + c, acc);
+    }
   }
   // Row-vector helpers; n is a multiple of 8.
   static void vmax(float* acc, const float* x, int64_t n) {
@@ -87,10 +158,6 @@ struct Avx2Ops {
   static void vadd(float* acc, const float* x, int64_t n) {
     for (int64_t j = 0; j < n; j += 8)
       _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), _mm256_loadu_ps(x + j)));
-  }
-  static void exp2_sub(float* x, const float* m, int64_t n) {  // x = exp2(x - m)
-    for (int64_t j = 0; j < n; j += 8)
-      _mm256_storeu_ps(x + j, exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(m + j))));
   }
   static void dsoftmax(float* dp, const float* p, const float* delta, int64_t n) {  // dp = p (dp - delta)
     for (int64_t j = 0; j < n; j += 8) {
