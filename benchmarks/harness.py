@@ -2,7 +2,8 @@
 in one process, measure this machine's ceilings, check each result against a float64 reference, and
 print one table (rows also as JSON).
 
-Timing: pytest-benchmark runs each implementation (warm-up rounds, then many rounds, median). Inputs
+Timing: pytest-benchmark runs each implementation (warm-up rounds, then 25 rounds, or as few as 5 for calls
+slower than ROUND_BUDGET_S / 25; the median). Inputs
 rotate through enough copies that the working set of consecutive rounds exceeds twice the last-level
 cache, so nothing is timed from a warm cache. On CUDA each round ends with a synchronize.
 
@@ -24,6 +25,7 @@ import fastllm._ext
 from fastllm.testing import floor, max_abs_err
 
 LLC_BYTES = 32 << 20  # last-level cache of the development machine (AMD EPYC, 32 MiB L3); H100 L2 is 50 MiB
+ROUND_BUDGET_S = 4.0  # rows whose call takes longer than ROUND_BUDGET_S / 25 get fewer rounds (>= 5)
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Case:
 
     def reference_outputs(self) -> tuple:
         if self._ref is None:
-            args = tuple(t.double().cpu() if isinstance(t, torch.Tensor) else t for t in self.inputs()[0])
+            # float64 on the case's device (a GPU computes a large reference in seconds)
+            args = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in self.inputs()[0])
             self._ref = _as_tuple(self.reference(*args))
         return self._ref
 
@@ -179,8 +182,13 @@ class Harness:
         self._errs[(case.key, impl)] = (err, tol_floor)
         del outs
 
+        # rounds: 25, fewer for slow calls (at least 5, about ROUND_BUDGET_S seconds of rounds per row)
+        t0 = time.perf_counter()
+        target(*slots[-1])
+        one = time.perf_counter() - t0
+        rounds = int(min(25, max(5, ROUND_BUDGET_S / max(one, 1e-9))))
         benchmark.group = f"{case.op} {case.shape} {str(case.dtype).replace('torch.', '')} {case.device}"
-        benchmark.pedantic(target, setup=setup, rounds=25, warmup_rounds=3, iterations=1)
+        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1 if rounds < 25 else 3, iterations=1)
         t = benchmark.stats.stats.median
         self._times[(case.key, impl)] = t
         ceil = self.ceilings(case.device)

@@ -8,17 +8,24 @@
 Layout (B, H, S, D) as torch SDPA: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0 (GQA/MQA: query
 head h reads kv head h // (Hq // Hkv), nothing is expanded in memory).
 
-All three are one torch op underneath, fastllm::attention_fwd, which returns (out, lse):
+All three are one torch op underneath, fastllm::attention_fwd, which returns (out, stats):
 
     visible(b, h, i, j) = j < kv_len[b]                         (all j without kv_len)
                         and (not causal or j <= i + offset_b)    offset_b = Sk_b - Sq (bottom-right) or 0
                         and mask[b, h, i, j]                      (bool masks; True = attend)
     s = scale * q.k (+ mask, for additive float masks);  out_i = softmax over visible j of s, times v
-    lse_i = log sum_j exp(s_ij) over visible j (natural log; fp32, float64 for float64 inputs); rows with
-    no visible key get out = 0 and lse = +inf (so that the backward's exp(s - lse) is 0 there, never NaN).
+    stats (B, Hq, Sq, 2) fp32 = (m, l) per row: the softmax in base 2 is exp2(s log2(e) - m) / l, i.e.
+    lse = (m + log2 l) ln 2. The kernels store m = the row max of s log2(e) and l = the sum of exp2(s log2(e)
+    - m) (any m works if l matches). A row with no visible key returns out = 0, stats = (+inf, 1).
 
-The backward (fastllm::attention_bwd) recomputes the probabilities from q, k and lse (FlashAttention-2);
-nothing of size (Sq, Sk) is saved. A float mask gets no gradient.
+Why (m, l) and not one fp32 lse as FlashAttention saves: the backward recomputes P = exp2(s log2 e - m) / l.
+With the exact row max m, s log2 e - m is small for every probability that matters and P is as accurate as
+eager's softmax; with lse (about 10 for long rows) the fp32 subtraction alone errs by ~1e-6 relative on
+every P of the row, a systematic error that made fp32 gradients miss the 2x-eager criterion.
+
+The backward (fastllm::attention_bwd) recomputes the probabilities from q, k and the stats
+(FlashAttention-2); nothing of size (Sq, Sk) is saved. A float mask gets no gradient, and there is no
+backward through kv_len (decode_attention is inference-only).
 """
 
 import math
@@ -74,8 +81,8 @@ def _scores(q, k, mask, kv_len, causal, bottom_right, scale, sq0, sq1):
     return s
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    """lse is fp32 (float64 for float64 inputs, so the float64 reference stays float64 throughout)."""
+def _stats_dtype(q: torch.Tensor) -> torch.dtype:
+    """stats are fp32 (float64 for float64 inputs, so the float64 reference stays float64 throughout)."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
@@ -86,30 +93,50 @@ def _chunks(q, Sk):
 
 
 def attention_ref(q, k, v, mask, kv_len, causal: bool, bottom_right: bool, scale: float):
-    """(out, lse) of fastllm::attention_fwd in plain PyTorch (scores computed in query chunks)."""
+    """(out, stats) of fastllm::attention_fwd in plain PyTorch (scores computed in query chunks)."""
     ct = _compute_dtype(q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = Hq // Hkv
     out = torch.zeros(B, Hq, Sq, D, dtype=ct, device=q.device)
-    lse = torch.full((B, Hq, Sq), float("inf"), dtype=_lse_dtype(q), device=q.device)
+    stats = torch.empty(B, Hq, Sq, 2, dtype=_stats_dtype(q), device=q.device)
+    stats[..., 0], stats[..., 1] = float("inf"), 1.0
     if Sq == 0 or Sk == 0:
-        return out.to(q.dtype), lse
-    vf = v.to(ct).unsqueeze(2)
+        return out.to(q.dtype), stats
+    vf = v.to(ct)
+    if kv_len is not None:  # cache slots past a sequence's length may hold anything (NaN): 0 * NaN is NaN
+        hidden = torch.arange(Sk, device=q.device).view(1, 1, Sk, 1) >= kv_len.view(-1, 1, 1, 1)
+        vf = vf.masked_fill(hidden, 0.0)
+    vf = vf.unsqueeze(2)
     for sq0, sq1 in _chunks(q, Sk):
         s = _scores(q, k, mask, kv_len, causal, bottom_right, scale, sq0, sq1)
-        lse_c = torch.logsumexp(s, dim=-1)  # -inf for rows without a visible key
-        empty = torch.isneginf(lse_c)
-        p = torch.exp(s - torch.where(empty, 0.0, lse_c).unsqueeze(-1))  # exact 0 where s = -inf
+        mx = s.amax(dim=-1, keepdim=True)
+        empty = torch.isneginf(mx)  # no visible key
+        e = torch.exp(s - torch.where(empty, 0.0, mx))  # exact 0 where s = -inf
+        l = e.sum(-1, keepdim=True)
+        p = e / torch.where(empty, 1.0, l)
         o = torch.matmul(p.view(B, Hkv, g, sq1 - sq0, Sk), vf).view(B, Hq, sq1 - sq0, D)
         out[:, :, sq0:sq1] = o
-        lse[:, :, sq0:sq1] = torch.where(empty, float("inf"), lse_c).to(lse.dtype)
-    return out.to(q.dtype), lse
+        stats[:, :, sq0:sq1, 0] = torch.where(empty, float("inf"), mx * math.log2(math.e)).squeeze(-1)
+        stats[:, :, sq0:sq1, 1] = torch.where(empty, 1.0, l).squeeze(-1)
+    return out.to(q.dtype), stats
 
 
-def attention_bwd_ref(dout, q, k, v, out, lse, mask, causal: bool, bottom_right: bool, scale: float):
-    """(dq, dk, dv) from the FlashAttention-2 formulas: P = exp(S - lse), dV = P^T dO, dP = dO V^T,
-    dS = P * (dP - rowsum(dO * O)), dQ = scale * dS K, dK = scale * dS^T Q (GQA: summed over the group)."""
+def stats_to_lse(stats: torch.Tensor) -> torch.Tensor:
+    """Natural-log logsumexp per row from (m, l); +inf for rows without a visible key."""
+    return (stats[..., 0] + torch.log2(stats[..., 1])) * math.log(2.0)
+
+
+def lse_to_stats(lse: torch.Tensor) -> torch.Tensor:
+    """(m, l) = (lse log2 e, 1) from a natural-log logsumexp (+inf stays +inf: a row without keys)."""
+    return torch.stack([lse * math.log2(math.e), torch.ones_like(lse)], dim=-1)
+
+
+def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_right: bool, scale: float):
+    """(dq, dk, dv): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale * dS K,
+    dK = scale * dS^T Q (GQA: summed over the group). The reference recomputes P with a max-subtracted softmax
+    and takes delta = rowsum(P * dP) (= rowsum(dO * O), the kernels' form) as eager's softmax backward does;
+    `out` and `stats` are not needed here."""
     ct = _compute_dtype(q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -119,15 +146,19 @@ def attention_bwd_ref(dout, q, k, v, out, lse, mask, causal: bool, bottom_right:
     dv = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
     if Sq > 0 and Sk > 0:
         kf, vf = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)
-        delta = (dout.to(ct) * out.to(ct)).sum(-1)
         for sq0, sq1 in _chunks(q, Sk):
             n = sq1 - sq0
             s = _scores(q, k, mask, None, causal, bottom_right, scale, sq0, sq1)
-            p = torch.exp(s - lse[:, :, sq0:sq1].to(ct).unsqueeze(-1)).view(B, Hkv, g, n, Sk)
+            mx = s.amax(dim=-1, keepdim=True)
+            mx = torch.where(torch.isneginf(mx), 0.0, mx)
+            e = torch.exp(s - mx)
+            l = e.sum(-1, keepdim=True)
+            p = (e / torch.where(l == 0, 1.0, l)).view(B, Hkv, g, n, Sk)
             do = dout[:, :, sq0:sq1].to(ct).view(B, Hkv, g, n, D)
             dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
             dp = torch.matmul(do, vf.transpose(-1, -2))
-            ds = p * (dp - delta[:, :, sq0:sq1].view(B, Hkv, g, n, 1)) * scale
+            delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(dO * O), as eager's softmax backward forms it
+            ds = p * (dp - delta) * scale
             dq[:, :, sq0:sq1] = torch.matmul(ds, kf).view(B, Hq, n, D)
             dk += torch.matmul(ds.transpose(-1, -2), q[:, :, sq0:sq1].to(ct).view(B, Hkv, g, n, D)).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -212,7 +243,11 @@ def _fwd_check(q, k, v, mask, kv_len, causal, bottom_right, scale):
 def _fwd_fake(q, k, v, mask, kv_len, causal, bottom_right, scale):
     B, Hq, Sq, D = q.shape
     out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
-    return out, torch.empty(B, Hq, Sq, dtype=_lse_dtype(q), device=q.device)
+    return out, torch.empty(B, Hq, Sq, 2, dtype=_stats_dtype(q), device=q.device)
+
+
+def _bwd_unsupported(dout, q, k, v, *rest) -> str | None:
+    return _unsupported(q, k, v)
 
 
 def _unsupported(q, k, v, *rest) -> str | None:
@@ -249,20 +284,20 @@ def _fwd_cpp(q, k, v, mask, kv_len, causal, bottom_right, scale):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, Sq, D, dtype=q.dtype)
-    lse = torch.empty(B, Hq, Sq, dtype=torch.float32)
+    stats = torch.empty(B, Hq, Sq, 2, dtype=torch.float32)
     mptr, mcode, ms = _mask_args(mask, q, Sk)
     lens = kv_len.contiguous() if kv_len is not None else None
     _ext.C.attn_fwd(
-        out=out.data_ptr(), lse=lse.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+        out=out.data_ptr(), stats=stats.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
         B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, q_strides=q.stride()[:3], k_strides=k.stride()[:3],
         v_strides=v.stride()[:3], mask=mptr, mask_dtype=mcode, mask_strides=ms,
         kv_len=lens.data_ptr() if lens is not None else 0, causal=causal, bottom_right=bottom_right,
         scale=scale, dtype=_ext.DTYPE_CODES[q.dtype], nthreads=_ext.num_threads(B * Hq * Sq * Sk * D // 64),
     )  # fmt: skip
-    return out, lse
+    return out, stats
 
 
-def _bwd_cpp(dout, q, k, v, out, lse, mask, causal, bottom_right, scale):
+def _bwd_cpp(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -270,10 +305,10 @@ def _bwd_cpp(dout, q, k, v, out, lse, mask, causal, bottom_right, scale):
     dk = torch.empty(B, Hkv, Sk, D, dtype=q.dtype)
     dv = torch.empty(B, Hkv, Sk, D, dtype=q.dtype)
     mptr, mcode, ms = _mask_args(mask, q, Sk)
-    lse = lse.contiguous()
+    stats = stats.to(torch.float32).contiguous()
     _ext.C.attn_bwd(
         dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dout=dout.data_ptr(), q=q.data_ptr(),
-        k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), B=B, Hq=Hq, Hkv=Hkv, Sq=Sq,
+        k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), stats=stats.data_ptr(), B=B, Hq=Hq, Hkv=Hkv, Sq=Sq,
         Sk=Sk, D=D, q_strides=q.stride()[:3], k_strides=k.stride()[:3], v_strides=v.stride()[:3],
         o_strides=out.stride()[:3], do_strides=dout.stride()[:3], mask=mptr, mask_dtype=mcode, mask_strides=ms,
         causal=causal, bottom_right=bottom_right, scale=scale, dtype=_ext.DTYPE_CODES[q.dtype],
@@ -290,59 +325,67 @@ def _fwd_triton(q, k, v, mask, kv_len, causal, bottom_right, scale):
     from fastllm.kernels.triton import flash_attention as tri
 
     q, k, v = _rows(q), _rows(k), _rows(v)
-    return tri.attn_fwd(q, k, v, _expand_mask(mask, q, k.shape[2]), kv_len, causal, bottom_right, scale)
+    out, lse = tri.attn_fwd(q, k, v, _expand_mask(mask, q, k.shape[2]), kv_len, causal, bottom_right, scale)
+    return out, lse_to_stats(lse)
 
 
-def _bwd_triton(dout, q, k, v, out, lse, mask, causal, bottom_right, scale):
+def _bwd_triton(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
     from fastllm.kernels.triton import flash_attention as tri
 
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     m = _expand_mask(mask, q, k.shape[2])
-    return tri.attn_bwd(dout, q, k, v, out, lse.contiguous(), m, causal, bottom_right, scale)
+    lse = stats_to_lse(stats.to(torch.float32)).contiguous()
+    return tri.attn_bwd(dout, q, k, v, out, lse, m, causal, bottom_right, scale)
 
 
 # --------------------------------------------------------------------------------------------------
 # The ops.
 
 
-def _bwd_check(dout, q, k, v, out, lse, mask, causal, bottom_right, scale):
+def _bwd_check(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
     op = "attention_bwd"
     _check_qkv(op, q, k, v)
     _check_mask(op, mask, q, k.shape[2])
     check_like(op, "dout", dout, "q", q)
     check_like(op, "out", out, "q", q)
-    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:3]:
-        raise ValueError(f"{op}: dout/out must have q's shape {tuple(q.shape)} and lse {tuple(q.shape[:3])}")
+    if dout.shape != q.shape or out.shape != q.shape or stats.shape != (*q.shape[:3], 2):
+        raise ValueError(f"{op}: dout/out must have q's shape {tuple(q.shape)} and stats {(*q.shape[:3], 2)}")
 
 
-def _bwd_fake(dout, q, k, v, out, lse, mask, causal, bottom_right, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
+    def new(t):  # contiguous, as the kernels return them (empty_like would keep a transposed view's strides)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return new(q), new(k), new(v)
 
 
 attention_bwd = define_op(
-    "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, bool causal,"
+    "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor? mask, bool causal,"
     " bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)",
     validate=_bwd_check,
     reference=attention_bwd_ref,
     fake=_bwd_fake,
-    cpp=Kernel(_bwd_cpp, _unsupported),
-    triton=Kernel(_bwd_triton, _unsupported),
+    cpp=Kernel(_bwd_cpp, _bwd_unsupported),
+    triton=Kernel(_bwd_triton, _bwd_unsupported),
 )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, _, causal, bottom_right, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    q, k, v, mask, kv_len, causal, bottom_right, scale = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, mask)
     ctx.causal, ctx.bottom_right, ctx.scale = causal, bottom_right, scale
+    ctx.has_kv_len = kv_len is not None
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+def _backward(ctx, dout, dstats):
+    q, k, v, out, stats, mask = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, mask, ctx.causal, ctx.bottom_right, ctx.scale)
+    if ctx.has_kv_len:
+        raise RuntimeError("fastllm: decode_attention (kv_len) has no backward; it is an inference op")
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, stats, mask, ctx.causal, ctx.bottom_right, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
 
 

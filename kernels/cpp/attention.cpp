@@ -9,26 +9,38 @@ namespace fastllm {
 namespace {
 
 struct ScalarOps {
+  // Same contract and the same blocked summation over K (chunks of 64 added to the total in C) as the AVX2 path.
   static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
                    int64_t b_ks, float* C, int64_t ldc, bool acc, float* colmax = nullptr) {
+    constexpr int64_t kKc = 64, kNc = 256;
+    float part[kNc];
     for (int64_t r = 0; r < M; ++r) {
       float* c = C + r * ldc;
-      if (!acc)
-        for (int64_t n = 0; n < N; ++n) c[n] = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float av = A[r * a_rs + k * a_ks];
-        const float* b = B + k * b_ks;
-        for (int64_t n = 0; n < N; ++n) c[n] += av * b[n];
+      for (int64_t n0 = 0; n0 < N; n0 += kNc) {
+        const int64_t n1 = N < n0 + kNc ? N : n0 + kNc;
+        if (!acc)
+          for (int64_t n = n0; n < n1; ++n) c[n] = 0.f;
+        for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+          const int64_t k1 = K < k0 + kKc ? K : k0 + kKc;
+          for (int64_t n = n0; n < n1; ++n) part[n - n0] = 0.f;
+          for (int64_t k = k0; k < k1; ++k) {
+            const float av = A[r * a_rs + k * a_ks];
+            const float* b = B + k * b_ks;
+            for (int64_t n = n0; n < n1; ++n) part[n - n0] += av * b[n];
+          }
+          for (int64_t n = n0; n < n1; ++n) c[n] += part[n - n0];
+        }
       }
       if (colmax != nullptr)
         for (int64_t n = 0; n < N; ++n) colmax[n] = c[n] > colmax[n] ? c[n] : colmax[n];
     }
   }
-  static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float* sum) {
+  static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float cb, const float* post,
+                         float* sum) {
     for (int64_t c = 0; c < w; ++c) {
       float acc = 0.f;
       for (int64_t j = 0; j < n; ++j) {
-        const float e = std::exp2(St[j * ld + c] - m[c]);
+        const float e = std::exp2(std::fma(St[j * ld + c], cb, -m[c])) * (post != nullptr ? post[c] : 1.f);
         St[j * ld + c] = e;
         acc += e;
       }
@@ -43,6 +55,9 @@ struct ScalarOps {
   }
   static void dsoftmax(float* dp, const float* p, const float* delta, int64_t n) {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta[j]);
+  }
+  static void divide(float* x, int64_t n, float d) {
+    for (int64_t j = 0; j < n; ++j) x[j] /= d;
   }
   static void scale(float* x, int64_t n, float s) {
     for (int64_t j = 0; j < n; ++j) x[j] *= s;
@@ -97,7 +112,7 @@ void check_shape(const AttnShape& s) {
 
 void attn_fwd(const AttnFwd& a) {
   check_shape(a.s);
-  if (a.out == nullptr || a.lse == nullptr) throw std::invalid_argument("attn_fwd: missing output pointer");
+  if (a.out == nullptr || a.stats == nullptr) throw std::invalid_argument("attn_fwd: missing output pointer");
 #ifdef FASTLLM_HAVE_AVX2
   if (active_isa() == Isa::kAvx2) return attn_fwd_avx2(a);
 #endif
@@ -107,7 +122,7 @@ void attn_fwd(const AttnFwd& a) {
 void attn_bwd(const AttnBwd& a) {
   check_shape(a.s);
   if (a.dq == nullptr || a.dk == nullptr || a.dv == nullptr || a.dout == nullptr || a.out == nullptr ||
-      a.lse == nullptr)
+      a.stats == nullptr)
     throw std::invalid_argument("attn_bwd: missing pointer");
 #ifdef FASTLLM_HAVE_AVX2
   if (active_isa() == Isa::kAvx2) return attn_bwd_avx2(a);

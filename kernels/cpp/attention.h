@@ -20,15 +20,16 @@
 //
 // Forward (FlashAttention-2, Dao 2023; online softmax of Milakov & Gimelshein 2018), per row block:
 //   for each key block: St = K Qt; mask; mx = max over keys; m' = max(m, mx); alpha = exp2(m - m');
-//   P = exp2(St - m'); l = l alpha + sum(P); O = O alpha + P^T V.      out = O / l, lse = (m + log2 l) ln 2
-// A row with no visible key keeps m = -inf, l = 0: out = 0, lse = +inf. Causal: key blocks past the last
+//   P = exp2(St - m'); l = l alpha + sum(P); O = O alpha + P^T V.      out = O / l, stats = (m, l)
+// A row with no visible key keeps m = -inf, l = 0: out = 0, stats = (+inf, 1). Causal: key blocks past the last
 // visible key of a row block are skipped; blocks that straddle a row's limit are masked element-wise.
 // Decode shapes (few row blocks, long keys) split the keys into chunks computed in parallel whose
 // partial (O, m, l) are merged at the end (flash-decoding, Dao et al. 2023).
 //
-// Backward (FlashAttention-2 order, probabilities recomputed from lse), per (b, kv head, key chunk):
-//   for each row block: pack Qt, Q, dO^T, dO, lse, delta = rowsum(dO * O);
-//     for each key block: P = exp2(K Qt - lse2); dV += P dO; dP = V dO^T; dS = P (dP - delta);
+// Backward (FlashAttention-2 order, probabilities recomputed from the stats), per (b, kv head, key chunk):
+//   for each row block: pack Qt, Q, dO^T, dO, m, 1/l, delta = rowsum(dO * O);
+//     for each key block: P = exp2(K Qt - m) / l (St is bit-identical to the forward's, so St - m is as
+//                         exact as in the forward); dV += P dO; dP = V dO^T; dS = P (dP - delta);
 //                         dK += dS Q; dQ += dS^T K
 //   The task owns dK/dV of its keys (GQA: summed over the group's rows by construction) and, when there
 //   is one chunk per (b, kv head), dQ of its rows: no atomics, deterministic for any thread count.
@@ -68,7 +69,7 @@ struct AttnShape {
 struct AttnFwd {
   AttnShape s;
   void* out;              // (B, Hq, Sq, D) contiguous
-  float* lse;             // (B, Hq, Sq)
+  float* stats;           // (B, Hq, Sq, 2): m (row max, log2 domain; +inf for a row without keys), l
   const int32_t* kv_len;  // (B,) valid keys per sequence, or null (all Sk)
 };
 
@@ -79,7 +80,7 @@ struct AttnBwd {
   void* dv;
   const void* dout;          // like q, strides dos
   const void* out;           // the forward output, strides os
-  const float* lse;          // (B, Hq, Sq) contiguous
+  const float* stats;        // (B, Hq, Sq, 2) contiguous, from the forward
   int64_t os[3], dos[3];
 };
 
@@ -96,6 +97,28 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Scales. The exponent of a probability is x = s log2(e) - m, s = scale (q.k) (+ mask), m the row max of
+// s log2(e). It is formed as one fma, x = fma(St, cb, -m): the only rounding is that of the small result,
+// as in eager's exp(s - max). So St holds raw q.k (cb = scale log2 e), pre-multiplying q by scale log2(e) as
+// FlashAttention does would add a rounding per q element and one at the magnitude of s (fp32 gradients then
+// drifted past 2x eager's error).
+// An additive mask: apply_mask forms s = fma(q.k, scale, mask) in place (one rounding, as eager's) and those
+// blocks use cb = log2(e). A scale <= 0 (max(St) * cb would not be the max of St * cb) folds scale into q
+// (qc = scale): St is s, cb = log2(e) everywhere.
+struct Scales {
+  float qc;   // multiplier of q when packed (1, or scale when folded)
+  float cm;   // multiplier of St in apply_mask's additive-mask step: s = fma(St, cm, mask)
+  float cb;   // multiplier of St in the exponent
+  float dk;   // dK = dk * dS^T (q qc): scale / qc
+};
+
+inline Scales scales_of(const AttnShape& s) {
+  const bool fold = !(s.scale > 0.f);
+  const bool additive = s.mask != nullptr && s.mask_dtype != kMaskBool;
+  if (fold) return Scales{s.scale, 1.f, kLog2e, 1.f};
+  return Scales{1.f, s.scale, additive ? kLog2e : s.scale * kLog2e, s.scale};
+}
 
 inline int64_t attn_bm(int64_t rows) { return rows <= 8 ? 8 : 96; }  // decode: one 8-wide query block
 inline int64_t attn_bn(int64_t D) { return D > 128 ? 48 : 96; }     // keep K, V, Qt, O tiles in L2
@@ -136,7 +159,8 @@ inline float mask_val(const void* m, int64_t off) {
 // Scores St (n keys x Mp rows, log2 domain) of keys [kb, kb + n): -inf where invisible, + mask * log2e
 // for additive masks. Only called for blocks that need it (a mask, or a row limit inside the block).
 template <class MS>
-void apply_mask_t(const AttnShape& s, const RowInfo* info, int64_t M, int64_t kb, int64_t n, float* St, int64_t Mp) {
+void apply_mask_t(const AttnShape& s, const RowInfo* info, int64_t M, int64_t kb, int64_t n, float* St, int64_t Mp,
+                  float cm) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t key = kb + j;
     float* row = St + j * Mp;
@@ -148,7 +172,7 @@ void apply_mask_t(const AttnShape& s, const RowInfo* info, int64_t M, int64_t kb
         if (s.mask_dtype == kMaskBool) {
           if (mv == 0.f) row[r] = kNegInf;
         } else {
-          row[r] += mv * kLog2e;
+          row[r] = std::fma(row[r], cm, mv);  // s = scale q.k + mask (see Scales)
         }
       }
     }
@@ -161,17 +185,17 @@ struct BoolMask {  // torch.bool is one byte, 0 or 1
 };
 
 inline void apply_mask(const AttnShape& s, const RowInfo* info, int64_t M, int64_t kb, int64_t n, float* St,
-                       int64_t Mp) {
+                       int64_t Mp, float cm) {
   if (s.mask == nullptr) {  // row limits only (causal, kv_len): blank the tail of each column, no per-element test
     for (int64_t r = 0; r < M; ++r)
       for (int64_t j = imax(0, info[r].lim - kb); j < n; ++j) St[j * Mp + r] = kNegInf;
     return;
   }
   switch (s.mask_dtype) {
-    case kMaskBool: return apply_mask_t<BoolMask>(s, info, M, kb, n, St, Mp);
-    case kBF16: return apply_mask_t<BF16s>(s, info, M, kb, n, St, Mp);
-    case kF16: return apply_mask_t<F16s>(s, info, M, kb, n, St, Mp);
-    default: return apply_mask_t<F32s>(s, info, M, kb, n, St, Mp);
+    case kMaskBool: return apply_mask_t<BoolMask>(s, info, M, kb, n, St, Mp, cm);
+    case kBF16: return apply_mask_t<BF16s>(s, info, M, kb, n, St, Mp, cm);
+    case kF16: return apply_mask_t<F16s>(s, info, M, kb, n, St, Mp, cm);
+    default: return apply_mask_t<F32s>(s, info, M, kb, n, St, Mp, cm);
   }
 }
 
@@ -194,6 +218,20 @@ const float* kv_rows(const void* base, const int64_t* st, int64_t b, int64_t hkv
 
 // ------------------------------------------------------------------------------------------------
 // Forward.
+
+// out = O / l (0 for a row without keys) rounded to T; stats = (m, l), or (+inf, 1) for a row without keys.
+template <class Ops, class S>
+void finish_row(const AttnFwd& a, int64_t row, int64_t D, int64_t Dp, float* O, float m, float l) {
+  using T = typename S::T;
+  if (l > 0.f) {
+    Ops::divide(O, Dp, l);
+  } else {
+    std::memset(O, 0, sizeof(float) * Dp);
+  }
+  Ops::template store_row<S>(static_cast<T*>(a.out) + row * D, O, D);
+  a.stats[2 * row] = l > 0.f ? m : kInf;
+  a.stats[2 * row + 1] = l > 0.f ? l : 1.f;
+}
 
 template <class Ops, class S>
 void attn_fwd_impl(const AttnFwd& a) {
@@ -223,7 +261,7 @@ void attn_fwd_impl(const AttnFwd& a) {
     std::free(scratch);
     throw std::bad_alloc();
   }
-  const float c = s.scale * kLog2e;
+  const Scales sc = scales_of(s);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -265,7 +303,7 @@ void attn_fwd_impl(const AttnFwd& a) {
         std::memset(Qt, 0, sizeof(float) * D * Mp);
         for (int64_t r = 0; r < M; ++r) {
           const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + info[r].h * s.qs[1] + info[r].i * s.qs[2];
-          for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = S::load(qr + d) * c;
+          for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = S::load(qr + d) * sc.qc;
         }
       }
       for (int64_t kb = k0; kb < k1; kb += BN) {
@@ -275,11 +313,12 @@ void attn_fwd_impl(const AttnFwd& a) {
         for (int64_t r = 0; r < Mp; ++r) mx[r] = kNegInf;
         if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
           Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
-          apply_mask(s, info, M, kb, n, St, Mp);
+          apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
           for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
         } else {
           Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false, mx);
         }
+        for (int64_t r = 0; r < Mp; ++r) mx[r] = mx[r] == kNegInf ? kNegInf : mx[r] * sc.cb;  // log2 domain
         // online softmax over this block, column-wise (one column per query row)
         for (int64_t r = 0; r < Mp; ++r) {
           const float mn = m[r] > mx[r] ? m[r] : mx[r];
@@ -288,7 +327,7 @@ void attn_fwd_impl(const AttnFwd& a) {
           m[r] = mn;
           mx[r] = alpha;  // reuse mx for alpha
         }
-        Ops::exp2_block(St, n, Mp, Mp, mu, lsum);
+        Ops::exp2_block(St, n, Mp, Mp, mu, sc.cb, nullptr, lsum);
         for (int64_t r = 0; r < Mp; ++r) l[r] = l[r] * mx[r] + lsum[r];
         // O = alpha O + P^T V, the block's product formed on its own first: O's rounding error then grows
         // with the number of key blocks plus BN, not with Sk (a sequential sum over all keys)
@@ -306,10 +345,7 @@ void attn_fwd_impl(const AttnFwd& a) {
       }
       for (int64_t r = 0; r < M; ++r) {
         const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        Ops::scale(O + r * Dp, Dp, inv);
-        Ops::template store_row<S>(static_cast<T*>(a.out) + row * D, O + r * Dp, D);
-        a.lse[row] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kInf;
+        finish_row<Ops, S>(a, row, D, Dp, O + r * Dp, m[r], l[r]);
       }
     }
 
@@ -339,9 +375,7 @@ void attn_fwd_impl(const AttnFwd& a) {
             }
           }
           const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
-          Ops::scale(O, Dp, ll > 0.f ? 1.f / ll : 0.f);
-          Ops::template store_row<S>(static_cast<T*>(a.out) + row * D, O, D);
-          a.lse[row] = ll > 0.f ? (mm + std::log2(ll)) * kLn2 : kInf;
+          finish_row<Ops, S>(a, row, D, Dp, O, mm, ll);
         }
       }
     }
@@ -370,10 +404,10 @@ void attn_bwd_impl(const AttnBwd& a) {
   const int nt = static_cast<int>(ntasks < nt0 ? ntasks : nt0);
 
   // per-thread: Qt, dOt (D x Mp) | Q, dO, dQ, dQ block (Mp x Dp) | St, dPt (BN x Mp) | Kc, Vc, block (BN x Dp) |
-  //             dK, dV accumulators (chunk x Dp) | lse2, delta (Mp)
+  //             dK, dV accumulators (chunk x Dp) | m, 1/l, delta (Mp)
   // Every product is formed on its own in a block buffer and then added to its accumulator, so sums over
   // many rows (dK, dV: Hg * Sq of them) or keys (dQ) round like a blocked sum, not a sequential one.
-  const int64_t per = 2 * D * Mp + 4 * Mp * Dp + 2 * BN * Mp + 3 * BN * Dp + 2 * chunk * Dp + 2 * Mp;
+  const int64_t per = 2 * D * Mp + 4 * Mp * Dp + 2 * BN * Mp + 3 * BN * Dp + 2 * chunk * Dp + 3 * Mp;
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   RowInfo* infos = static_cast<RowInfo*>(std::malloc(sizeof(RowInfo) * static_cast<size_t>(nt * BM)));
   // dQ partials per chunk (fp32), summed in chunk order at the end; only with several chunks
@@ -384,7 +418,7 @@ void attn_bwd_impl(const AttnBwd& a) {
     std::free(dq_part);
     throw std::bad_alloc();
   }
-  const float c = s.scale * kLog2e;
+  const Scales sc = scales_of(s);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -402,8 +436,9 @@ void attn_bwd_impl(const AttnBwd& a) {
     float* Tb = Vc + BN * Dp;
     float* dKa = Tb + BN * Dp;
     float* dVa = dKa + chunk * Dp;
-    float* lse2 = dVa + chunk * Dp;
-    float* delta = lse2 + Mp;
+    float* mrow = dVa + chunk * Dp;
+    float* linv = mrow + Mp;
+    float* delta = linv + Mp;
     RowInfo* info = infos + t * BM;
 
 #pragma omp for schedule(dynamic, 1)
@@ -424,7 +459,8 @@ void attn_bwd_impl(const AttnBwd& a) {
           std::memset(Qr, 0, sizeof(float) * Mp * Dp);
           std::memset(dOr, 0, sizeof(float) * Mp * Dp);
           for (int64_t r = 0; r < Mp; ++r) {
-            lse2[r] = kInf;
+            mrow[r] = kInf;  // padding rows: P = exp2(St - inf) = 0
+            linv[r] = 1.f;
             delta[r] = 0.f;
           }
           for (int64_t r = 0; r < M; ++r) {
@@ -432,17 +468,21 @@ void attn_bwd_impl(const AttnBwd& a) {
             const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + h * s.qs[1] + i * s.qs[2];
             const T* dor = static_cast<const T*>(a.dout) + b * a.dos[0] + h * a.dos[1] + i * a.dos[2];
             const T* orow = static_cast<const T*>(a.out) + b * a.os[0] + h * a.os[1] + i * a.os[2];
-            float dsum = 0.f;
+            // delta = rowsum(dO * O) in double: dP - delta cancels where a row sees few keys, and an fp32 sum
+            // over D made dq miss 2x eager's error there (once per row: the cost is nil)
+            double dsum = 0.0;
             for (int64_t d = 0; d < D; ++d) {
-              const float qv = S::load(qr + d) * c, dv = S::load(dor + d);
+              const float qv = S::load(qr + d) * sc.qc, dv = S::load(dor + d);
               Qt[d * Mp + r] = qv;
               Qr[r * Dp + d] = qv;
               dOt[d * Mp + r] = dv;
               dOr[r * Dp + d] = dv;
-              dsum += dv * S::load(orow + d);
+              dsum += static_cast<double>(dv) * static_cast<double>(S::load(orow + d));
             }
-            delta[r] = dsum;
-            lse2[r] = a.lse[(b * s.Hq + h) * s.Sq + i] * kLog2e;
+            delta[r] = static_cast<float>(dsum);
+            const float* st = a.stats + 2 * ((b * s.Hq + h) * s.Sq + i);
+            mrow[r] = st[0];
+            linv[r] = 1.f / st[1];
           }
         }
         for (int64_t kb = c0; kb < k1; kb += BN) {
@@ -451,8 +491,8 @@ void attn_bwd_impl(const AttnBwd& a) {
           const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, true, Kc, &ldk);
           const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, false, Vc, &ldv);
           Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
-          if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp);
-          Ops::exp2_block(St, n, Mp, Mp, lse2, nullptr);  // P^T
+          if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
+          Ops::exp2_block(St, n, Mp, Mp, mrow, sc.cb, linv, nullptr);  // P^T
           float* dKb = dKa + (kb - c0) * Dp;
           float* dVb = dVa + (kb - c0) * Dp;
           Ops::gemm(n, Dp, M, St, Mp, 1, dOr, Dp, Tb, Dp, false);  // dV += P^T dO
@@ -475,7 +515,7 @@ void attn_bwd_impl(const AttnBwd& a) {
       }
       for (int64_t j = c0; j < c1; ++j) {
         const int64_t row = (b * s.Hkv + hkv) * s.Sk + j;
-        Ops::scale(dKa + (j - c0) * Dp, Dp, kLn2);
+        Ops::scale(dKa + (j - c0) * Dp, Dp, sc.dk);
         Ops::template store_row<S>(static_cast<T*>(a.dk) + row * D, dKa + (j - c0) * Dp, D);
         Ops::template store_row<S>(static_cast<T*>(a.dv) + row * D, dVa + (j - c0) * Dp, D);
       }

@@ -112,7 +112,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "attn_fwd",
-      [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, int64_t B, int64_t Hq, int64_t Hkv,
+      [](uintptr_t out, uintptr_t stats, uintptr_t q, uintptr_t k, uintptr_t v, int64_t B, int64_t Hq, int64_t Hkv,
          int64_t Sq, int64_t Sk, int64_t D, const Strides& q_strides, const Strides& k_strides,
          const Strides& v_strides, uintptr_t mask, int mask_dtype, const Strides& mask_strides, uintptr_t kv_len,
          bool causal, bool bottom_right, double scale, int dtype, int nthreads) {
@@ -120,21 +120,21 @@ PYBIND11_MODULE(_C, m) {
         a.s = attn_shape(q, k, v, B, Hq, Hkv, Sq, Sk, D, q_strides, k_strides, v_strides, mask, mask_dtype,
                          mask_strides, causal, bottom_right, scale, dtype, nthreads);
         a.out = ptr<void>(out);
-        a.lse = ptr<float>(lse);
+        a.stats = ptr<float>(stats);
         a.kv_len = ptr<const int32_t>(kv_len);
         py::gil_scoped_release release;
         attn_fwd(a);
       },
-      py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("Hq"),
+      py::arg("out"), py::arg("stats"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("B"), py::arg("Hq"),
       py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
       py::arg("v_strides"), py::arg("mask"), py::arg("mask_dtype"), py::arg("mask_strides"), py::arg("kv_len"),
       py::arg("causal"), py::arg("bottom_right"), py::arg("scale"), py::arg("dtype"), py::arg("nthreads"),
-      "Flash attention forward: out (B, Hq, Sq, D) and lse (B, Hq, Sq) fp32.");
+      "Flash attention forward: out (B, Hq, Sq, D) and stats (B, Hq, Sq, 2) fp32 = (row max m in log2 units, l).");
 
   m.def(
       "attn_bwd",
       [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v,
-         uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
+         uintptr_t out, uintptr_t stats, int64_t B, int64_t Hq, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
          const Strides& q_strides, const Strides& k_strides, const Strides& v_strides, const Strides& o_strides,
          const Strides& do_strides, uintptr_t mask, int mask_dtype, const Strides& mask_strides, bool causal,
          bool bottom_right, double scale, int dtype, int nthreads) {
@@ -146,18 +146,18 @@ PYBIND11_MODULE(_C, m) {
         a.dv = ptr<void>(dv);
         a.dout = ptr<const void>(dout);
         a.out = ptr<const void>(out);
-        a.lse = ptr<const float>(lse);
+        a.stats = ptr<const float>(stats);
         copy_strides(a.os, o_strides, 3, "out");
         copy_strides(a.dos, do_strides, 3, "dout");
         py::gil_scoped_release release;
         attn_bwd(a);
       },
       py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
-      py::arg("out"), py::arg("lse"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"),
+      py::arg("out"), py::arg("stats"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"),
       py::arg("D"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"),
       py::arg("do_strides"), py::arg("mask"), py::arg("mask_dtype"), py::arg("mask_strides"), py::arg("causal"),
       py::arg("bottom_right"), py::arg("scale"), py::arg("dtype"), py::arg("nthreads"),
-      "Flash attention backward: dq, dk, dv (contiguous) from dout, q, k, v, out and the forward's lse.");
+      "Flash attention backward: dq, dk, dv (contiguous) from dout, q, k, v, out and the forward's stats.");
 
   m.def(
       "copy_bytes",
