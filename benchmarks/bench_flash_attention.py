@@ -60,14 +60,15 @@ def make_case(device, dtype, B, H, S, D, causal, backward):
         impls["math"] = lambda q, k, v: math_attention(q, k, v, causal)
     reference = impls["eager"]  # called on float64 copies
     if device != "cpu":  # float64 SDPA materializes the scores: use the query-chunked reference on the GPU
-        reference = lambda q, k, v: attention_ref(q, k, v, None, None, causal, True, D**-0.5)[0]  # noqa: E731
+
+        def reference(q, k, v):
+            return attention_ref(q, k, v, None, None, causal, True, D**-0.5)[0]
+
     flops = 4 * B * H * S * S * D // (2 if causal else 1)
     if backward:
         impls = {name: _fwd_bwd(f) for name, f in impls.items()}
         reference = _fwd_bwd(reference)
         flops = int(3.5 * flops)
-    else:
-        impls = {name: (lambda f: lambda q, k, v: f(q, k, v))(f) for name, f in impls.items()}
     op = ("attention causal" if causal else "attention") + (" fwd+bwd" if backward else "")
     return Case(op, (B, H, S, D), dtype, device, make_inputs, impls, reference, flops=flops)
 

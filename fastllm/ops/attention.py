@@ -113,12 +113,12 @@ def attention_ref(q, k, v, mask, kv_len, causal: bool, bottom_right: bool, scale
         mx = s.amax(dim=-1, keepdim=True)
         empty = torch.isneginf(mx)  # no visible key
         e = torch.exp(s - torch.where(empty, 0.0, mx))  # exact 0 where s = -inf
-        l = e.sum(-1, keepdim=True)
-        p = e / torch.where(empty, 1.0, l)
+        denom = e.sum(-1, keepdim=True)
+        p = e / torch.where(empty, 1.0, denom)
         o = torch.matmul(p.view(B, Hkv, g, sq1 - sq0, Sk), vf).view(B, Hq, sq1 - sq0, D)
         out[:, :, sq0:sq1] = o
         stats[:, :, sq0:sq1, 0] = torch.where(empty, float("inf"), mx * math.log2(math.e)).squeeze(-1)
-        stats[:, :, sq0:sq1, 1] = torch.where(empty, 1.0, l).squeeze(-1)
+        stats[:, :, sq0:sq1, 1] = torch.where(empty, 1.0, denom).squeeze(-1)
     return out.to(q.dtype), stats
 
 
@@ -152,8 +152,8 @@ def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_righ
             mx = s.amax(dim=-1, keepdim=True)
             mx = torch.where(torch.isneginf(mx), 0.0, mx)
             e = torch.exp(s - mx)
-            l = e.sum(-1, keepdim=True)
-            p = (e / torch.where(l == 0, 1.0, l)).view(B, Hkv, g, n, Sk)
+            denom = e.sum(-1, keepdim=True)
+            p = (e / torch.where(denom == 0, 1.0, denom)).view(B, Hkv, g, n, Sk)
             do = dout[:, :, sq0:sq1].to(ct).view(B, Hkv, g, n, D)
             dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
             dp = torch.matmul(do, vf.transpose(-1, -2))
