@@ -18,6 +18,12 @@ def _probes() -> dict:
         "add_layer_norm": lambda x: fastllm.add_layer_norm(x, x),
         "rms_norm": lambda x: fastllm.rms_norm(x),
         "add_rms_norm": lambda x: fastllm.add_rms_norm(x, x),
+        "flash_attention": lambda x: fastllm.flash_attention(*(x.view(1, 1, *x.shape),) * 3),
+        "decode_attention": lambda x: fastllm.decode_attention(
+            x.view(1, 1, *x.shape)[:, :, :1],
+            *(x.view(1, 1, *x.shape),) * 2,
+            torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device),
+        ),
     }
 
 
@@ -98,7 +104,7 @@ def report() -> str:
         lines.append("gpu            none (CUDA not available)")
     lines.append(f"backend        requested: {os.environ.get('FASTLLM_BACKEND', 'auto') or 'auto'}")
     lines.append("")
-    lines.append(f"{'op':<16}{'device':<8}{'backend':<11}why")
+    lines.append(f"{'op':<18}{'device':<8}{'backend':<11}why")
     for name, device, backend, reason in backend_table():
-        lines.append(f"{name:<16}{device:<8}{backend:<11}{reason}")
+        lines.append(f"{name:<18}{device:<8}{backend:<11}{reason}")
     return "\n".join(lines)
