@@ -35,6 +35,16 @@ struct ScalarOps {
         for (int64_t n = 0; n < N; ++n) colmax[n] = c[n] > colmax[n] ? c[n] : colmax[n];
     }
   }
+  static void qk_small(int64_t n, int64_t M, int64_t Dp, const float* K, int64_t ldk, const float* Qr, float* St,
+                       float* colmax) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < M; ++r) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < Dp; ++d) acc += K[j * ldk + d] * Qr[r * Dp + d];
+        St[j * 8 + r] = acc;
+        colmax[r] = acc > colmax[r] ? acc : colmax[r];
+      }
+  }
   static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float cb, const float* post,
                          float* sum) {
     for (int64_t c = 0; c < w; ++c) {

@@ -216,6 +216,15 @@ const float* kv_rows(const void* base, const int64_t* st, int64_t b, int64_t hkv
   return buf;
 }
 
+template <class S>
+void prefetch_rows(const void* base, const int64_t* st, int64_t b, int64_t hkv, int64_t kb, int64_t n, int64_t D) {
+  using T = typename S::T;
+  const char* p = reinterpret_cast<const char*>(static_cast<const T*>(base) + b * st[0] + hkv * st[1] + kb * st[2]);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T)), stride = st[2] * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j, p += stride)
+    for (int64_t o = 0; o < row_bytes; o += 128) __builtin_prefetch(p + o, 0, 0);  // the adjacent line comes along
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
@@ -251,8 +260,10 @@ void attn_fwd_impl(const AttnFwd& a) {
   const int64_t ntasks = groups * nsplit;
   const int nt = static_cast<int>(ntasks < nt0 ? ntasks : nt0);
 
-  // per-thread scratch (floats): Qt D x Mp | St BN x Mp | O, Ob Mp x Dp | Kc, Vc BN x Dp | 5 row vectors Mp
-  const int64_t per = D * Mp + BN * Mp + 2 * Mp * Dp + 2 * BN * Dp + 5 * Mp;
+  // per-thread scratch (floats): Qt D x Mp | St BN x Mp | O, Ob, Qr Mp x Dp | Kc, Vc BN x Dp | 5 row vectors Mp
+  // (Qr: q rows, for the dot-product scores of decode-shaped blocks, BM == 8)
+  const bool small = BM == 8;
+  const int64_t per = D * Mp + BN * Mp + 3 * Mp * Dp + 2 * BN * Dp + 5 * Mp;
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   RowInfo* infos = static_cast<RowInfo*>(std::malloc(sizeof(RowInfo) * static_cast<size_t>(nt * BM)));
   // split partials: O (Mp x Dp), m, l per task
@@ -270,7 +281,8 @@ void attn_fwd_impl(const AttnFwd& a) {
     float* St = Qt + D * Mp;
     float* O = St + BN * Mp;
     float* Ob = O + Mp * Dp;
-    float* Kc = Ob + Mp * Dp;
+    float* Qr = Ob + Mp * Dp;
+    float* Kc = Qr + Mp * Dp;
     float* Vc = Kc + BN * Dp;
     float* m = Vc + BN * Dp;
     float* l = m + Mp;
@@ -305,13 +317,34 @@ void attn_fwd_impl(const AttnFwd& a) {
           const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + info[r].h * s.qs[1] + info[r].i * s.qs[2];
           for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = S::load(qr + d) * sc.qc;
         }
+        if (small) {
+          std::memset(St, 0, sizeof(float) * BN * Mp);  // columns past M stay 0 (qk_small skips them)
+          std::memset(Qr, 0, sizeof(float) * Mp * Dp);
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t d = 0; d < D; ++d) Qr[r * Dp + d] = Qt[d * Mp + r];
+        }
       }
       for (int64_t kb = k0; kb < k1; kb += BN) {
         const int64_t n = imin(BN, k1 - kb);
+        // Decode (one small row block against many keys) streams K and V from DRAM once: ask for the next
+        // block while this one is computed (the GEMMs walk K and V in column strips, which the hardware
+        // prefetcher follows poorly).
+        if (BM <= 8 && kb + BN < k1) {
+          prefetch_rows<S>(s.k, s.ks, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
+          prefetch_rows<S>(s.v, s.vs, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
+        }
         int64_t ldk, ldv;
-        const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, false, Kc, &ldk);
+        const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, small, Kc, &ldk);
         for (int64_t r = 0; r < Mp; ++r) mx[r] = kNegInf;
-        if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
+        if (small) {  // decode: dot-product scores (reads Dp columns of K: kv_rows pads when D % 8 != 0)
+          if (s.mask != nullptr || kb + n > kmin) {
+            Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, Ob);  // Ob: a throwaway max
+            apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
+            for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
+          } else {
+            Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, mx);
+          }
+        } else if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
           Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
           apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
           for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);

@@ -177,6 +177,48 @@ struct Avx2Ops {
     else
       gemm_l<kStrided>(M, N, K, A, a_rs, a_ks, B, b_ks, C, ldc, acc, colmax);
   }
+  // Decode-shaped scores: St (n x 8, columns [0, M) rounded up to 4) = K (n x Dp rows, stride ldk) . Qr^T
+  // (Qr: 8 x Dp rows, zero past the M real rows and past D). Dot-product form, 2 keys x 4 rows per step (8 accumulators, each summing Dp/8
+  // terms per lane, then a tree of hadds): the 8-wide broadcast GEMM would spend half its FMAs on padding
+  // when a row block holds only Hg * Sn = 4 rows.
+  static void qk_small(int64_t n, int64_t M, int64_t Dp, const float* K, int64_t ldk, const float* Qr, float* St,
+                       float* colmax) {
+    __m128 mx0 = _mm_loadu_ps(colmax), mx1 = _mm_loadu_ps(colmax + 4);
+    for (int64_t j = 0; j < n; j += 2) {
+      const float* k0 = K + j * ldk;
+      const float* k1 = j + 1 < n ? k0 + ldk : k0;
+      for (int64_t r = 0; r < M; r += 4) {  // M <= 8; rows past M are zero (their scores are unused)
+        const float* q = Qr + r * Dp;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t d = 0; d < Dp; d += 8) {
+          const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+          const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + Dp + d);
+          const __m256 q2 = _mm256_loadu_ps(q + 2 * Dp + d), q3 = _mm256_loadu_ps(q + 3 * Dp + d);
+          a0 = _mm256_fmadd_ps(x0, q0, a0);
+          a1 = _mm256_fmadd_ps(x0, q1, a1);
+          a2 = _mm256_fmadd_ps(x0, q2, a2);
+          a3 = _mm256_fmadd_ps(x0, q3, a3);
+          a4 = _mm256_fmadd_ps(x1, q0, a4);
+          a5 = _mm256_fmadd_ps(x1, q1, a5);
+          a6 = _mm256_fmadd_ps(x1, q2, a6);
+          a7 = _mm256_fmadd_ps(x1, q3, a7);
+        }
+        const __m256 h01 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        const __m256 h23 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+        const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
+        const __m128 s0 = _mm256_castps256_ps128(sum), s1 = _mm256_extractf128_ps(sum, 1);
+        __m128& mxr = r == 0 ? mx0 : mx1;
+        _mm_storeu_ps(St + j * 8 + r, s0);
+        mxr = _mm_max_ps(mxr, s0);
+        if (j + 1 < n) {
+          _mm_storeu_ps(St + (j + 1) * 8 + r, s1);
+          mxr = _mm_max_ps(mxr, s1);
+        }
+      }
+    }
+    _mm_storeu_ps(colmax, mx0);
+    _mm_storeu_ps(colmax + 4, mx1);
+  }
   // St (n x ld, columns [0, w)) = exp2(St cb - m[col]) (one rounding: fma) (* post[col] when post is not
   // null); sum[col] = the
   // column sums (when sum is not null).
