@@ -120,8 +120,11 @@ inline Scales scales_of(const AttnShape& s) {
   return Scales{1.f, s.scale, additive ? kLog2e : s.scale * kLog2e, s.scale};
 }
 
-inline int64_t attn_bm(int64_t rows) { return rows <= 8 ? 8 : 96; }  // decode: one 8-wide query block
-inline int64_t attn_bn(int64_t D) { return D > 128 ? 48 : 96; }     // keep K, V, Qt, O tiles in L2
+inline int64_t attn_bm(int64_t rows) { return rows <= 8 ? 8 : 48; }  // decode: one 8-wide query block
+// Block sizes: BN a multiple of 6 (the micro-kernel's rows: no remainder tile); K, V, Qt, O and St stay
+// in L2 (512 KiB). Measured at S = 2048, D = 64 on one Zen 3 core: (BM, BN) from (48, 96) to (144, 192) all
+// within 3% of each other; smaller BM wastes less on the causal diagonal.
+inline int64_t attn_bn(int64_t D) { return D > 128 ? 48 : 132; }
 
 // Per-row metadata of a row block: where the row's q / mask live, and its last visible key + 1.
 struct RowInfo {
