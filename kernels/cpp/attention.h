@@ -225,7 +225,7 @@ void prefetch_rows(const void* base, const int64_t* st, int64_t b, int64_t hkv, 
   const char* p = reinterpret_cast<const char*>(static_cast<const T*>(base) + b * st[0] + hkv * st[1] + kb * st[2]);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T)), stride = st[2] * static_cast<int64_t>(sizeof(T));
   for (int64_t j = 0; j < n; ++j, p += stride)
-    for (int64_t o = 0; o < row_bytes; o += 128) __builtin_prefetch(p + o, 0, 0);  // the adjacent line comes along
+    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(p + o, 0, 2);  // into L2
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -332,9 +332,9 @@ void attn_fwd_impl(const AttnFwd& a) {
         // Decode (one small row block against many keys) streams K and V from DRAM once: ask for the next
         // block while this one is computed (the GEMMs walk K and V in column strips, which the hardware
         // prefetcher follows poorly).
-        if (BM <= 8 && kb + BN < k1) {
-          prefetch_rows<S>(s.k, s.ks, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
-          prefetch_rows<S>(s.v, s.vs, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
+        if (BM <= 8) {  // K is read row after row (the hardware prefetcher follows); V is not
+          if (kb == k0) prefetch_rows<S>(s.v, s.vs, b, hkv, kb, imin(BN, k1 - kb), D);
+          if (kb + BN < k1) prefetch_rows<S>(s.v, s.vs, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
         }
         int64_t ldk, ldv;
         const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, small, Kc, &ldk);
