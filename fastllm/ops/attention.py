@@ -127,11 +127,6 @@ def stats_to_lse(stats: torch.Tensor) -> torch.Tensor:
     return (stats[..., 0] + torch.log2(stats[..., 1])) * math.log(2.0)
 
 
-def lse_to_stats(lse: torch.Tensor) -> torch.Tensor:
-    """(m, l) = (lse log2 e, 1) from a natural-log logsumexp (+inf stays +inf: a row without keys)."""
-    return torch.stack([lse * math.log2(math.e), torch.ones_like(lse)], dim=-1)
-
-
 def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_right: bool, scale: float):
     """(dq, dk, dv): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale * dS K,
     dK = scale * dS^T Q (GQA: summed over the group). The reference recomputes P with a max-subtracted softmax
@@ -325,8 +320,7 @@ def _fwd_triton(q, k, v, mask, kv_len, causal, bottom_right, scale):
     from fastllm.kernels.triton import flash_attention as tri
 
     q, k, v = _rows(q), _rows(k), _rows(v)
-    out, lse = tri.attn_fwd(q, k, v, _expand_mask(mask, q, k.shape[2]), kv_len, causal, bottom_right, scale)
-    return out, lse_to_stats(lse)
+    return tri.attn_fwd(q, k, v, _expand_mask(mask, q, k.shape[2]), kv_len, causal, bottom_right, scale, stats=True)
 
 
 def _bwd_triton(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
@@ -334,8 +328,7 @@ def _bwd_triton(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
 
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     m = _expand_mask(mask, q, k.shape[2])
-    lse = stats_to_lse(stats.to(torch.float32)).contiguous()
-    return tri.attn_bwd(dout, q, k, v, out, lse, m, causal, bottom_right, scale)
+    return tri.attn_bwd(dout, q, k, v, out, stats.to(torch.float32).contiguous(), m, causal, bottom_right, scale)
 
 
 # --------------------------------------------------------------------------------------------------
