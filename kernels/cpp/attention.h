@@ -10,7 +10,7 @@
 //                           (for decode, Hg * Sn rows make one block: the GEMM is Hg times wider).
 //   BM, BN                  query rows per row block, keys per key block
 //   Mp, Dp                  BM and D rounded up to whole 8-lane vectors
-//   c = scale * log2(e)     q is pre-multiplied by c so scores are in the log2 domain and exp2 is used
+//   c = scale * log2(e)     exponents are in the log2 domain (exp2): x = fma(q.k, c, -m), see "Scales" below
 //   St                      the score tile, *transposed*: (keys x query rows), query rows contiguous
 //
 // Why St is transposed: St = K_block . Qt needs K rows as broadcast operands (read straight from the
