@@ -122,11 +122,6 @@ def attention_ref(q, k, v, mask, kv_len, causal: bool, bottom_right: bool, scale
     return out.to(q.dtype), stats
 
 
-def stats_to_lse(stats: torch.Tensor) -> torch.Tensor:
-    """Natural-log logsumexp per row from (m, l); +inf for rows without a visible key."""
-    return (stats[..., 0] + torch.log2(stats[..., 1])) * math.log(2.0)
-
-
 def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_right: bool, scale: float):
     """(dq, dk, dv): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale * dS K,
     dK = scale * dS^T Q (GQA: summed over the group). The reference recomputes P with a max-subtracted softmax
