@@ -1,14 +1,19 @@
 """fastllm ops: one module per op family, each registering torch ops in the fastllm:: namespace."""
 
 from fastllm.ops.attention import decode_attention, flash_attention, scaled_dot_product_attention
+from fastllm.ops.ffn import clear_weight_cache, fused_ffn, fused_gated_ffn, linear
 from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = [
     "add_layer_norm",
     "add_rms_norm",
+    "clear_weight_cache",
     "decode_attention",
     "flash_attention",
+    "fused_ffn",
+    "fused_gated_ffn",
     "layer_norm",
+    "linear",
     "rms_norm",
     "scaled_dot_product_attention",
 ]

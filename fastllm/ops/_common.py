@@ -1,5 +1,7 @@
 """Validation and layout helpers shared by the ops. Errors name the op, the argument and what is accepted."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -42,7 +44,7 @@ def check_number(op: str, arg: str, v, *, minimum: float | None = None) -> float
 
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(..., n) -> (M, n) with unit column stride; a view when the layout allows, else a contiguous copy."""
-    t2 = t.reshape(-1, n)
+    t2 = t.reshape(t.numel() // n if n else math.prod(t.shape[:-1]), n)
     if n > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2

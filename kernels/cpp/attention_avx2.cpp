@@ -4,34 +4,14 @@
 // 12 fp32 accumulators in registers (BLIS-style 6x16, Van Zee & van de Geijn 2015). B rows are read as
 // vectors (unit stride along the columns), A elements are broadcast; A's row and k strides are free, which
 // lets one kernel compute K Qt, P^T V, P dO, V dO^T, dS Q and dS^T K without transposing any operand.
-// exp2: split x = n + f, |f| <= 1/2, 2^f by a degree-7 polynomial (about one ulp), times 2^n built in the
-// exponent bits; x <= -127 (and -inf) gives exactly 0, so masked scores contribute nothing.
+// exp2: vec_avx2.h (x <= -127 and -inf give exactly 0, so masked scores contribute nothing).
 #include <immintrin.h>
 
 #include "attention.h"
+#include "vec_avx2.h"
 
 namespace fastllm {
 namespace {
-
-inline __m256 exp2_ps(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // -inf -> -127 -> 2^-127 built as +0.0 below
-  x = _mm256_min_ps(_mm256_set1_ps(127.f), x);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  // 2^f on [-1/2, 1/2]: degree-7 least-squares fit on Chebyshev nodes with p(0) = 1 (about 1 ulp evaluated
-  // in fp32; degree 6 reached 1.2 ulp); Horner with FMAs
-  __m256 p = _mm256_set1_ps(1.5310080925701186e-5f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5467364573851228e-4f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333450770005584e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618035517632961e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410971045494e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650718688965e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  // 2^n: n + 127 in the exponent field; n = -127 gives the bit pattern of +0.0
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 // Accumulators are named variables (an array of __m256 made GCC spill all 12 of them to the stack on every
 // k step); `if constexpr` drops the rows and the second vector a variant does not have.

@@ -1,0 +1,650 @@
+"""Linear layers with fused epilogues and the Transformer MLPs, forward and backward.
+
+    linear(x, weight, bias=None, activation=None, residual=None)   -> act(x W^T + b) + residual
+    fused_ffn(x, w1, b1, w2, b2, activation="gelu")                -> act(x W1^T + b1) W2^T + b2
+    fused_gated_ffn(x, w_gate, w_up, w_down, activation="silu", b_gate=None, b_up=None, b_down=None)
+                                                                   -> (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd
+
+Weights in torch's nn.Linear layout (out_features, in_features), passed unchanged. x (..., in_features),
+fp32 / bf16 / fp16 (fp32 accumulation; float64 and anything a kernel cannot take run the reference).
+Activations: gelu (erf), gelu_tanh, quick_gelu (x sigmoid(1.702 x), CLIP), relu, silu.
+
+Ops underneath (torch.ops.fastllm.*):
+    linear_fwd(x, w, b, residual, activation, save_pre)        -> (y, pre)   pre only when save_pre
+    ffn_fwd(x, w1, b1, w2, b2, activation, save_pre)           -> (y, pre)   pre = x W1^T + b1
+    gated_ffn_fwd(x, wg, wu, wd, bg, bu, bd, activation, save_pre) -> (y, g, u)
+    matmul_ex(a, b, aux, aux2, mode, activation)               -> (c, c2)    the backward's GEMMs:
+        mode "none":   c = a b;   "dact": c = (a b) * act'(aux);
+        "dgated": c = (a b) * aux2 * act'(aux), c2 = (a b) * act(aux)   (aux = g, aux2 = u)
+
+Memory for training: the forward saves what the backward needs and nothing more. fused_ffn saves x and the
+pre-activation (eager keeps the pre-activation and the activation); fused_gated_ffn saves x, g and u (eager
+keeps g, act(g), u and act(g) * u); act(pre) and act(g) * u are recomputed in the backward.
+
+On CPU the weights are packed once into the GEMM engine's panel layout (kernels/cpp/gemm.h) and the packed
+copy is cached, keyed by the weight's data pointer, shape, strides, dtype and version counter, and dropped
+when the weight is freed: an in-place update (optimizer step, `copy_`, `add_` under no_grad) bumps the
+version and the next call repacks. Writes through `weight.data` do not bump the version (a torch property
+of `.data`); after such writes call `fastllm.clear_weight_cache()`. Weights that are inference tensors
+(created under torch.inference_mode) have no version counter and are packed on every call.
+"""
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from fastllm import _ext
+from fastllm._op import Kernel, define_op
+from fastllm.ops._common import FLOAT_DTYPES, KERNEL_DTYPES, as_rows, check_tensor, ptr
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5}
+_MODE_CODE = {"plain": 0, "gated": 1, "dact": 2, "dgated": 3}
+
+# --------------------------------------------------------------------------------------------------
+# Activations in plain PyTorch (the reference path, and the backward's recomputation of act(pre)).
+
+
+def act_ref(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return torch.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    return x
+
+
+def dact_ref(name: str, x: torch.Tensor) -> torch.Tensor:
+    """act'(x), computed in fp32 at least."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if name == "gelu":
+        cdf = 0.5 * torch.erfc(-xf * 0.7071067811865476)
+        d = cdf + xf * 0.3989422804014327 * torch.exp(-0.5 * xf * xf)
+    elif name == "gelu_tanh":
+        z = 0.7978845608028654 * (xf + 0.044715 * xf**3)
+        s = torch.sigmoid(2 * z)
+        d = s + xf * 2 * s * (1 - s) * 0.7978845608028654 * (1 + 0.134145 * xf * xf)
+    elif name == "quick_gelu":
+        s = torch.sigmoid(1.702 * xf)
+        d = s + 1.702 * xf * s * (1 - s)
+    elif name == "relu":
+        d = (xf > 0).to(xf.dtype)
+    elif name == "silu":
+        s = torch.sigmoid(xf)
+        d = s * (1 + xf * (1 - s))
+    else:
+        d = torch.ones_like(xf)
+    return d
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=like.dtype, device=like.device)
+
+
+def _ct(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def linear_ref(x, w, b, residual, activation, save_pre):
+    pre = F.linear(x, w, b)
+    y = act_ref(activation, pre)
+    if residual is not None:
+        y = y + residual
+    return y, (pre if save_pre and activation != "none" else _empty(x))
+
+
+def ffn_ref(x, w1, b1, w2, b2, activation, save_pre):
+    pre = F.linear(x, w1, b1)
+    y = F.linear(act_ref(activation, pre), w2, b2)
+    return y, (pre if save_pre else _empty(x))
+
+
+def gated_ffn_ref(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
+    g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)
+    y = F.linear(act_ref(activation, g) * u, wd, bd)
+    return (y, g, u) if save_pre else (y, _empty(x), _empty(x))
+
+
+def matmul_ex_ref(a, b, aux, aux2, mode, activation):
+    c = a.to(_ct(a)) @ b.to(_ct(a))
+    if mode == "dact":
+        return (c * dact_ref(activation, aux)).to(a.dtype), _empty(a)
+    if mode == "dgated":
+        auxf = aux.to(c.dtype)
+        dg = c * aux2.to(c.dtype) * dact_ref(activation, aux)
+        return dg.to(a.dtype), (c * act_ref(activation, auxf)).to(a.dtype)
+    return c.to(a.dtype), _empty(a)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (also run in the fakes, so torch.compile traces raise the same errors).
+
+
+def _check_activation(op: str, activation, allow_none: bool) -> None:
+    names = (("none",) if allow_none else ()) + ACTIVATIONS
+    if not isinstance(activation, str) or activation not in names:
+        raise ValueError(f"{op}: unknown activation {activation!r}; accepted: {', '.join(names)}")
+
+
+def _check_float_tensor(op: str, arg: str, t, ref=None, ref_arg: str = "x", optional: bool = False) -> None:
+    check_tensor(op, arg, t, optional=optional)
+    if t is None:
+        return
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {arg} must be a floating tensor (float32, bfloat16, float16, float64), got {t.dtype}")
+    if ref is not None:
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {arg} is on {t.device} but {ref_arg} is on {ref.device}; use one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {arg} has dtype {t.dtype} but {ref_arg} has {ref.dtype}; pass one dtype")
+
+
+def _check_weight(op: str, arg: str, w, x, in_features: int) -> None:
+    _check_float_tensor(op, arg, w, x)
+    if w.dim() != 2:
+        raise ValueError(f"{op}: {arg} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if w.shape[1] != in_features:
+        raise ValueError(
+            f"{op}: {arg} has in_features {w.shape[1]} but its input has {in_features} features "
+            f"({arg} shape {tuple(w.shape)})"
+        )
+
+
+def _check_bias(op: str, arg: str, b, x, n: int) -> None:
+    _check_float_tensor(op, arg, b, x, optional=True)
+    if b is not None and tuple(b.shape) != (n,):
+        raise ValueError(f"{op}: {arg} must have shape ({n},), got {tuple(b.shape)}")
+
+
+def _check_x(op: str, x) -> None:
+    _check_float_tensor(op, "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (tokens, features) here, got shape {tuple(x.shape)}")
+
+
+def _linear_check(x, w, b, residual, activation, save_pre):
+    op = "linear"
+    _check_x(op, x)
+    _check_weight(op, "weight", w, x, x.shape[1])
+    _check_bias(op, "bias", b, x, w.shape[0])
+    _check_float_tensor(op, "residual", residual, x, optional=True)
+    if residual is not None and tuple(residual.shape) != (x.shape[0], w.shape[0]):
+        raise ValueError(
+            f"{op}: residual must have the output's shape {(x.shape[0], w.shape[0])}, got {tuple(residual.shape)}"
+        )
+    _check_activation(op, activation, True)
+
+
+def _ffn_check(x, w1, b1, w2, b2, activation, save_pre):
+    op = "fused_ffn"
+    _check_x(op, x)
+    _check_weight(op, "w1", w1, x, x.shape[1])
+    _check_bias(op, "b1", b1, x, w1.shape[0])
+    check_tensor(op, "w2", w2)
+    if w2.dim() == 2 and w2.shape[1] != w1.shape[0]:
+        raise ValueError(
+            f"{op}: w1 and w2 do not chain: w1 has {w1.shape[0]} out_features (shape {tuple(w1.shape)}) but w2 "
+            f"has {w2.shape[1]} in_features (shape {tuple(w2.shape)})"
+        )
+    _check_weight(op, "w2", w2, x, w1.shape[0])
+    _check_bias(op, "b2", b2, x, w2.shape[0])
+    _check_activation(op, activation, False)
+
+
+def _gated_check(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
+    op = "fused_gated_ffn"
+    _check_x(op, x)
+    _check_weight(op, "w_gate", wg, x, x.shape[1])
+    check_tensor(op, "w_up", wu)
+    if tuple(wu.shape) != tuple(wg.shape):
+        raise ValueError(f"{op}: w_gate and w_up must have one shape, got {tuple(wg.shape)} and {tuple(wu.shape)}")
+    _check_weight(op, "w_up", wu, x, x.shape[1])
+    check_tensor(op, "w_down", wd)
+    if wd.dim() == 2 and wd.shape[1] != wg.shape[0]:
+        raise ValueError(
+            f"{op}: w_gate/w_up and w_down do not chain: the intermediate size is {wg.shape[0]} but w_down "
+            f"has {wd.shape[1]} in_features (shape {tuple(wd.shape)})"
+        )
+    _check_weight(op, "w_down", wd, x, wg.shape[0])
+    _check_bias(op, "b_gate", bg, x, wg.shape[0])
+    _check_bias(op, "b_up", bu, x, wg.shape[0])
+    _check_bias(op, "b_down", bd, x, wd.shape[0])
+    _check_activation(op, activation, False)
+
+
+def _matmul_check(a, b, aux, aux2, mode, activation):
+    op = "matmul_ex"
+    _check_float_tensor(op, "a", a, ref_arg="a")
+    _check_float_tensor(op, "b", b, a, "a")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{op}: a (M, K) and b (K, N) must be 2-D and chain, got {tuple(a.shape)}, {tuple(b.shape)}")
+    if mode not in ("none", "dact", "dgated"):
+        raise ValueError(f"{op}: unknown mode {mode!r}; accepted: none, dact, dgated")
+    _check_activation(op, activation, True)
+    out = (a.shape[0], b.shape[1])
+    for arg, t in (("aux", aux), ("aux2", aux2)):
+        _check_float_tensor(op, arg, t, a, "a", optional=True)
+        if t is not None and tuple(t.shape) != out:
+            raise ValueError(f"{op}: {arg} must have shape {out}, got {tuple(t.shape)}")
+    if (mode == "dact" and aux is None) or (mode == "dgated" and (aux is None or aux2 is None)):
+        raise ValueError(f"{op}: mode {mode!r} needs aux (and aux2 for dgated)")
+
+
+# --------------------------------------------------------------------------------------------------
+# C++: the packed-weight cache and the GEMM engine calls.
+
+
+class _Packed:
+    __slots__ = ("K", "N", "__weakref__", "buf", "code", "gated", "ptrs", "refs", "versions")
+
+    def __init__(self, buf, code, K, N, gated):
+        self.buf, self.code, self.K, self.N, self.gated = buf, code, K, N, gated
+
+
+_cache: dict = {}
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached packed weight (needed only after writes through `weight.data`, see the module doc)."""
+    _cache.clear()
+
+
+def _pack(src, src2, K, N, s_k, s_n) -> _Packed:
+    code = _ext.DTYPE_CODES[src.dtype]
+    pcode = _ext.C.pack_dtype(code)
+    gated = src2 is not None
+    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated), dtype=torch.float32 if pcode == 0 else torch.bfloat16)
+    if buf.numel():
+        _ext.C.pack_b(
+            dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code,
+            nthreads=_ext.num_threads(K * N),
+        )  # fmt: skip
+    return _Packed(buf, pcode, K, N, gated)
+
+
+def _key(w):
+    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
+
+
+def _packed_weight(w: torch.Tensor, w2: torch.Tensor | None = None) -> _Packed:
+    """B(k, n) = w[n, k] (and the gated interleave with w2), packed; cached while the weights are unchanged."""
+    N, K = w.shape
+    ws = (w,) if w2 is None else (w, w2)
+    try:
+        versions = tuple(t._version for t in ws)
+    except RuntimeError:  # inference tensors have no version counter: never cache them
+        return _pack(w, w2, K, N, w.stride(1), w.stride(0))
+    key = tuple(_key(t) for t in ws)
+    hit = _cache.get(key)
+    if hit is not None:
+        alive = [r() for r in hit.refs]
+        same = all(t is not None and t.data_ptr() == p for t, p in zip(alive, hit.ptrs, strict=True))
+        if same and hit.versions == versions:
+            return hit
+    packed = _pack(w, w2, K, N, w.stride(1), w.stride(0))
+
+    entry = weakref.ref(packed)
+
+    def _drop(_ref, key=key):
+        if _cache.get(key) is entry():
+            _cache.pop(key, None)
+
+    packed.refs = tuple(weakref.ref(t, _drop) for t in ws)
+    packed.versions = versions
+    packed.ptrs = tuple(t.data_ptr() for t in ws)
+    _cache[key] = packed
+    return packed
+
+
+def _packed_matrix(b: torch.Tensor) -> _Packed:
+    """B (K, N) as given (any strides), packed for one call."""
+    K, N = b.shape
+    return _pack(b, None, K, N, b.stride(0), b.stride(1))
+
+
+def _gemm(a, pk: _Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None, pre=None,
+          pre2=None, aux=None, aux2=None) -> None:  # fmt: skip
+    M, K = a.shape
+    N = out.shape[1]
+    _ext.C.gemm(
+        M=M, N=N, K=K, a=a.data_ptr(), a_rs=a.stride(0), a_cs=a.stride(1), a_dt=_ext.DTYPE_CODES[a.dtype],
+        b=pk.buf.data_ptr(), b_dt=pk.code, mode=_MODE_CODE[mode], act=_ACT_CODE[act], c=out.data_ptr(),
+        ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
+        ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
+        ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),
+        ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype], accumulate=False,
+        nthreads=_ext.num_threads(M * N * K // 16),
+    )  # fmt: skip
+
+
+def _rows(t):
+    return None if t is None else as_rows(t, t.shape[-1])
+
+
+def _vec(t):
+    return None if t is None else t.contiguous()
+
+
+def _linear_cpp(x, w, b, residual, activation, save_pre):
+    x, residual = _rows(x), _rows(residual)
+    M, N = x.shape[0], w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype)
+    keep = save_pre and activation != "none"
+    pre = torch.empty(M, N, dtype=x.dtype) if keep else None
+    if M and N:
+        _gemm(x, _packed_weight(w), y, act=activation, bias=_vec(b), res=residual, pre=pre)
+    return y, (pre if keep else _empty(x))
+
+
+def _ffn_cpp(x, w1, b1, w2, b2, activation, save_pre):
+    x = _rows(x)
+    M, n_mid, n_out = x.shape[0], w1.shape[0], w2.shape[0]
+    h = torch.empty(M, n_mid, dtype=x.dtype)
+    pre = torch.empty(M, n_mid, dtype=x.dtype) if save_pre else None
+    y = torch.empty(M, n_out, dtype=x.dtype)
+    if M and n_mid:
+        _gemm(x, _packed_weight(w1), h, act=activation, bias=_vec(b1), pre=pre)
+    if M and n_out:
+        _gemm(h, _packed_weight(w2), y, bias=_vec(b2))
+    return y, (pre if save_pre else _empty(x))
+
+
+def _gated_cpp(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
+    x = _rows(x)
+    M, n_mid, n_out = x.shape[0], wg.shape[0], wd.shape[0]
+    h = torch.empty(M, n_mid, dtype=x.dtype)
+    g = torch.empty(M, n_mid, dtype=x.dtype) if save_pre else None
+    u = torch.empty(M, n_mid, dtype=x.dtype) if save_pre else None
+    y = torch.empty(M, n_out, dtype=x.dtype)
+    if M and n_mid:
+        _gemm(x, _packed_weight(wg, wu), h, mode="gated", act=activation, bias=_vec(bg), bias2=_vec(bu), pre=g, pre2=u)
+    if M and n_out:
+        _gemm(h, _packed_weight(wd), y, bias=_vec(bd))
+    return (y, g, u) if save_pre else (y, _empty(x), _empty(x))
+
+
+def _matmul_cpp(a, b, aux, aux2, mode, activation):
+    M, N = a.shape[0], b.shape[1]
+    c = torch.empty(M, N, dtype=a.dtype)
+    c2 = torch.empty(M, N, dtype=a.dtype) if mode == "dgated" else None
+    if M and N:
+        epi = {"none": "plain"}.get(mode, mode)
+        _gemm(a, _packed_matrix(b), c, mode=epi, act=activation, out2=c2, aux=_rows(aux), aux2=_rows(aux2))
+    return c, (c2 if c2 is not None else _empty(a))
+
+
+def _cpp_unsupported(x, *args):
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} (the C++ GEMM takes float32, bfloat16, float16)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton (kernels/triton/gemm.py).
+
+
+def _tri():
+    from fastllm.kernels.triton import gemm
+
+    return gemm
+
+
+def _linear_triton(x, w, b, residual, activation, save_pre):
+    y, pre = _tri().linear(x, w, b, residual, activation, save_pre and activation != "none")
+    return y, (pre if pre is not None else _empty(x))
+
+
+def _ffn_triton(x, w1, b1, w2, b2, activation, save_pre):
+    tri = _tri()
+    h, pre = tri.linear(x, w1, b1, None, activation, save_pre)
+    y, _ = tri.linear(h, w2, b2, None, "none", False)
+    return y, (pre if pre is not None else _empty(x))
+
+
+def _gated_triton(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
+    tri = _tri()
+    h, g, u = tri.gated(x, wg, wu, bg, bu, activation, save_pre)
+    y, _ = tri.linear(h, wd, bd, None, "none", False)
+    return (y, g, u) if save_pre else (y, _empty(x), _empty(x))
+
+
+def _matmul_triton(a, b, aux, aux2, mode, activation):
+    c, c2 = _tri().matmul(a, b, mode, activation, aux, aux2)
+    return c, (c2 if c2 is not None else _empty(a))
+
+
+def _triton_unsupported(x, *args):
+    if x.dtype not in KERNEL_DTYPES:
+        return f"dtype {x.dtype} (the Triton GEMM takes float32, bfloat16, float16)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops and their autograd.
+
+
+def _new(*shape, like):
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _linear_fake(x, w, b, residual, activation, save_pre):
+    M, N = x.shape[0], w.shape[0]
+    return _new(M, N, like=x), (_new(M, N, like=x) if save_pre and activation != "none" else _new(0, like=x))
+
+
+def _ffn_fake(x, w1, b1, w2, b2, activation, save_pre):
+    M = x.shape[0]
+    return _new(M, w2.shape[0], like=x), (_new(M, w1.shape[0], like=x) if save_pre else _new(0, like=x))
+
+
+def _gated_fake(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
+    M, n_mid = x.shape[0], wg.shape[0]
+    y = _new(M, wd.shape[0], like=x)
+    return (y, _new(M, n_mid, like=x), _new(M, n_mid, like=x)) if save_pre else (y, _new(0, like=x), _new(0, like=x))
+
+
+def _matmul_fake(a, b, aux, aux2, mode, activation):
+    M, N = a.shape[0], b.shape[1]
+    return _new(M, N, like=a), (_new(M, N, like=a) if mode == "dgated" else _new(0, like=a))
+
+
+matmul_ex = define_op(
+    "matmul_ex(Tensor a, Tensor b, Tensor? aux, Tensor? aux2, str mode, str activation) -> (Tensor, Tensor)",
+    validate=_matmul_check,
+    reference=matmul_ex_ref,
+    fake=_matmul_fake,
+    cpp=Kernel(_matmul_cpp, _cpp_unsupported),
+    triton=Kernel(_matmul_triton, _triton_unsupported),
+)
+
+
+def _mm(a, b):
+    return matmul_ex(a, b, None, None, "none", "none")[0]
+
+
+def _bias_grad(d, needed: bool):
+    return d.sum(0, dtype=_ct(d)).to(d.dtype) if needed else None
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, residual, activation, _save_pre = inputs
+    ctx.save_for_backward(x, w, output[1] if activation != "none" else None)
+    ctx.activation = activation
+    ctx.flags = (b is not None, residual is not None)
+
+
+def _linear_backward(ctx, dy, _dpre):
+    x, w, pre = ctx.saved_tensors
+    has_b, has_res = ctx.flags
+    if ctx.activation != "none":
+        if pre.numel() != dy.numel():
+            raise RuntimeError("fastllm.linear: the forward ran without saving its pre-activation (save_pre=False)")
+        dz = (dy.to(_ct(dy)) * dact_ref(ctx.activation, pre)).to(dy.dtype)
+    else:
+        dz = dy
+    dx = _mm(dz, w) if ctx.needs_input_grad[0] else None
+    dw = _mm(dz.t(), x) if ctx.needs_input_grad[1] else None
+    db = _bias_grad(dz, has_b and ctx.needs_input_grad[2])
+    dres = dy if has_res and ctx.needs_input_grad[3] else None
+    return dx, dw, db, dres, None, None
+
+
+linear_fwd = define_op(
+    "linear_fwd(Tensor x, Tensor w, Tensor? b, Tensor? residual, str activation, bool save_pre) -> (Tensor, Tensor)",
+    validate=_linear_check,
+    reference=linear_ref,
+    fake=_linear_fake,
+    cpp=Kernel(_linear_cpp, _cpp_unsupported),
+    triton=Kernel(_linear_triton, _triton_unsupported),
+    backward=_linear_backward,
+    setup_context=_linear_setup,
+)
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, _save_pre = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.activation = activation
+    ctx.flags = (b1 is not None, b2 is not None)
+
+
+def _ffn_backward(ctx, dy, _dpre):
+    x, w1, w2, pre = ctx.saved_tensors
+    if pre.numel() != x.shape[0] * w1.shape[0]:
+        raise RuntimeError("fastllm.fused_ffn: the forward ran without saving its pre-activation (save_pre=False)")
+    has_b1, has_b2 = ctx.flags
+    need = ctx.needs_input_grad
+    dz = matmul_ex(dy, w2, pre, None, "dact", ctx.activation)[0]  # (dy W2) * act'(pre)
+    dw2 = _mm(dy.t(), act_ref(ctx.activation, pre)) if need[3] else None
+    dx = _mm(dz, w1) if need[0] else None
+    dw1 = _mm(dz.t(), x) if need[1] else None
+    return dx, dw1, _bias_grad(dz, has_b1 and need[2]), dw2, _bias_grad(dy, has_b2 and need[4]), None, None
+
+
+ffn_fwd = define_op(
+    "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_pre)"
+    " -> (Tensor, Tensor)",
+    validate=_ffn_check,
+    reference=ffn_ref,
+    fake=_ffn_fake,
+    cpp=Kernel(_ffn_cpp, _cpp_unsupported),
+    triton=Kernel(_ffn_triton, _triton_unsupported),
+    backward=_ffn_backward,
+    setup_context=_ffn_setup,
+)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, wg, wu, wd, bg, bu, bd, activation, _save_pre = inputs
+    ctx.save_for_backward(x, wg, wu, wd, output[1], output[2])
+    ctx.activation = activation
+    ctx.flags = (bg is not None, bu is not None, bd is not None)
+
+
+def _gated_backward(ctx, dy, _dg, _du):
+    x, wg, wu, wd, g, u = ctx.saved_tensors
+    if g.numel() != x.shape[0] * wg.shape[0]:
+        raise RuntimeError("fastllm.fused_gated_ffn: the forward ran without saving g and u (save_pre=False)")
+    has_bg, has_bu, has_bd = ctx.flags
+    need = ctx.needs_input_grad
+    dg, du = matmul_ex(dy, wd, g, u, "dgated", ctx.activation)
+    dwd = None
+    if need[3]:
+        h = (act_ref(ctx.activation, g.to(_ct(g))) * u).to(g.dtype)
+        dwd = _mm(dy.t(), h)
+    dx = None
+    if need[0]:
+        dx = (_mm(dg, wg).to(_ct(dg)) + _mm(du, wu)).to(x.dtype)
+    dwg = _mm(dg.t(), x) if need[1] else None
+    dwu = _mm(du.t(), x) if need[2] else None
+    return (dx, dwg, dwu, dwd, _bias_grad(dg, has_bg and need[4]), _bias_grad(du, has_bu and need[5]),
+            _bias_grad(dy, has_bd and need[6]), None, None)  # fmt: skip
+
+
+gated_ffn_fwd = define_op(
+    "gated_ffn_fwd(Tensor x, Tensor wg, Tensor wu, Tensor wd, Tensor? bg, Tensor? bu, Tensor? bd, str activation,"
+    " bool save_pre) -> (Tensor, Tensor, Tensor)",
+    validate=_gated_check,
+    reference=gated_ffn_ref,
+    fake=_gated_fake,
+    cpp=Kernel(_gated_cpp, _cpp_unsupported),
+    triton=Kernel(_gated_triton, _triton_unsupported),
+    backward=_gated_backward,
+    setup_context=_gated_setup,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions: x (..., in_features) -> (..., out_features).
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _flat(op: str, x):
+    check_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim (..., in_features), got a 0-dim tensor")
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _act_arg(op: str, activation, allow_none: bool):
+    if activation is None and allow_none:
+        return "none"
+    _check_activation(op, activation, allow_none)
+    return activation
+
+
+def linear(x, weight, bias=None, activation=None, residual=None) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual in one GEMM with a fused epilogue; weight (out, in) as nn.Linear.
+
+    activation: None, "gelu", "gelu_tanh", "quick_gelu", "relu" or "silu". residual: (..., out) added after
+    the activation (the residual stream of a block's output projection).
+    """
+    op = "linear"
+    x2 = _flat(op, x)
+    check_tensor(op, "weight", weight)
+    act = _act_arg(op, activation, True)
+    res = residual
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        n = weight.shape[0] if weight.dim() == 2 else -1
+        if tuple(residual.shape) != (*x.shape[:-1], n):
+            raise ValueError(f"{op}: residual must have shape {(*x.shape[:-1], n)}, got {tuple(residual.shape)}")
+        res = residual.reshape(-1, n)
+    save = _needs_grad(x, weight, bias, residual) and act != "none"
+    y, _ = linear_fwd(x2, weight, bias, res, act, save)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fused_ffn(x, w1, b1=None, w2=None, b2=None, activation: str = "gelu") -> torch.Tensor:
+    """The GPT-2 / BERT / ViT / CLIP MLP: act(x W1^T + b1) W2^T + b2 (biases optional)."""
+    op = "fused_ffn"
+    x2 = _flat(op, x)
+    check_tensor(op, "w2", w2)
+    act = _act_arg(op, activation, False)
+    y, _ = ffn_fwd(x2, w1, b1, w2, b2, act, _needs_grad(x, w1, b1, w2, b2))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fused_gated_ffn(x, w_gate, w_up, w_down, activation: str = "silu", b_gate=None, b_up=None,
+                    b_down=None) -> torch.Tensor:  # fmt: skip
+    """The Llama MLP: (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd; silu = SwiGLU, gelu / gelu_tanh = GeGLU.
+
+    The gate and up projections are one GEMM whose register tile holds a gate tile and the matching up tile,
+    so act(g) * u is formed in registers; no (tokens, 2 * intermediate) tensor is written.
+    """
+    op = "fused_gated_ffn"
+    x2 = _flat(op, x)
+    act = _act_arg(op, activation, False)
+    save = _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    y, _, _ = gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down, act, save)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,108 @@
+// GEMM engine: B packing, the portable micro-kernel and epilogue, and the ISA dispatch (see gemm.h).
+#include "gemm.h"
+
+#include <stdexcept>
+
+namespace fastllm {
+
+#ifdef FASTLLM_HAVE_AVX2
+void gemm_avx2(const Gemm& g);
+#endif
+
+namespace {
+
+template <class S>
+void pack_panel(const PackB& pb, int64_t p) {
+  const bool gated = pb.src2 != nullptr;
+  const bool to_bf16 = pack_dtype(pb.src_dt) == kBF16;
+  const int64_t K = pb.K;
+  for (int c = 0; c < kNR; ++c) {
+    const void* src = gated && c >= 8 ? pb.src2 : pb.src;
+    const int64_t n = gated ? p * 8 + (c & 7) : p * kNR + c;
+    const auto* s = static_cast<const typename S::T*>(src) + n * pb.s_n;
+    if (to_bf16) {
+      uint16_t* d = static_cast<uint16_t*>(pb.dst) + p * K * kNR + kBf16Perm[c];
+      for (int64_t k = 0; k < K; ++k) d[k * kNR] = n < pb.N ? s[k * pb.s_k] : 0;
+    } else {
+      float* d = static_cast<float*>(pb.dst) + p * K * kNR + c;
+      for (int64_t k = 0; k < K; ++k) d[k * kNR] = n < pb.N ? S::load(s + k * pb.s_k) : 0.f;
+    }
+  }
+}
+
+template <class S>
+void pack_all(const PackB& pb) {
+  const int64_t panels = num_panels(pb.N, pb.src2 != nullptr);
+#pragma omp parallel for schedule(static) num_threads(pb.nthreads < 1 ? 1 : pb.nthreads)
+  for (int64_t p = 0; p < panels; ++p) pack_panel<S>(pb, p);
+}
+
+struct ScalarOps {
+  static void ukr(int rows, int64_t kc, const float* a, const void* b, int b_dt, float* c, int64_t ldc, bool load) {
+    float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
+    for (int64_t k = 0; k < kc; ++k) {
+      if (k % kChunk == 0 && k > 0) {  // the same blocked summation as the AVX2 kernel
+        for (int r = 0; r < rows; ++r)
+          for (int j = 0; j < kNR; ++j) part[r][j] += acc[r][j], acc[r][j] = 0.f;
+      }
+      float bv[kNR];
+      if (b_dt == kBF16) {
+        const uint16_t* bk = static_cast<const uint16_t*>(b) + k * kNR;
+        for (int j = 0; j < kNR; ++j) bv[j] = bf16_to_f32(bk[kBf16Perm[j]]);
+      } else {
+        const float* bk = static_cast<const float*>(b) + k * kNR;
+        for (int j = 0; j < kNR; ++j) bv[j] = bk[j];
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < kNR; ++j) acc[r][j] += a[k * kMR + r] * bv[j];
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < kNR; ++j) {
+        const float v = kc > kChunk ? part[r][j] + acc[r][j] : acc[r][j];
+        c[r * ldc + j] = load ? c[r * ldc + j] + v : v;
+      }
+  }
+  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+    const int64_t w = panel_out_cols(g, p);
+    for (int r = 0; r < rows; ++r) {
+      switch (g.c_dt) {
+        case kBF16: epilogue_cols_scalar<BF16s>(g, tile + r * ldt, m + r, p, 0, w); break;
+        case kF16: epilogue_cols_scalar<F16s>(g, tile + r * ldt, m + r, p, 0, w); break;
+        default: epilogue_cols_scalar<F32s>(g, tile + r * ldt, m + r, p, 0, w); break;
+      }
+    }
+  }
+};
+
+bool bad_dt(int dt) { return dt != kF32 && dt != kBF16 && dt != kF16; }
+
+}  // namespace
+
+void pack_b(const PackB& pb) {
+  if (pb.dst == nullptr || pb.src == nullptr || pb.K < 0 || pb.N < 0 || bad_dt(pb.src_dt))
+    throw std::invalid_argument("pack_b: bad arguments");
+  switch (pb.src_dt) {
+    case kBF16: return pack_all<BF16s>(pb);
+    case kF16: return pack_all<F16s>(pb);
+    default: return pack_all<F32s>(pb);
+  }
+}
+
+void gemm(const Gemm& g) {
+  if (g.M < 0 || g.N < 0 || g.K < 0 || bad_dt(g.a_dt) || bad_dt(g.c_dt) || g.b_dt != pack_dtype(g.b_dt) ||
+      g.mode < kEpiPlain || g.mode > kEpiDgated || g.act < kActNone || g.act > kActSilu)
+    throw std::invalid_argument("gemm: bad arguments");
+  if (g.c == nullptr || (g.K > 0 && (g.a == nullptr || g.b == nullptr)))
+    throw std::invalid_argument("gemm: missing pointer");
+  if ((g.mode == kEpiDact && g.aux == nullptr) ||
+      (g.mode == kEpiDgated && (g.aux == nullptr || g.aux2 == nullptr || g.c2 == nullptr)) ||
+      (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)) || (g.accumulate && g.c_dt != kF32))
+    throw std::invalid_argument("gemm: inconsistent epilogue arguments");
+  if (g.M == 0 || g.N == 0) return;
+#ifdef FASTLLM_HAVE_AVX2
+  if (active_isa() == Isa::kAvx2) return gemm_avx2(g);
+#endif
+  gemm_impl<ScalarOps>(g);
+}
+
+}  // namespace fastllm

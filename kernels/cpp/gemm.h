@@ -1,0 +1,280 @@
+// GEMM engine for fastllm.linear / fused_ffn / fused_gated_ffn (forward and backward): C = A B with a
+// fused epilogue, BLIS-style (Van Zee & van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
+// Functionality", 2015; Goto & van de Geijn, "Anatomy of High-Performance Matrix Multiplication", 2008).
+//
+// Glossary
+//   M, N, K     C is M x N (N = output columns; for the gated mode N = the intermediate size I), K the depth
+//   A           M x K, element (m, k) at a[m * a_rs + k * a_cs], fp32/bf16/fp16; packed per cache block into
+//               fp32 micro-panels of kMR rows, k-major ([k][kMR], rows past M are zero)
+//   B           K x Nacc, pre-packed by pack_b() (cached by Python for weights): panels of kNR = 16 columns,
+//               panel p = K x 16 elements k-major, zero past N and, for 16-bit weights, bf16 with the column
+//               order of kBf16Perm (the micro-kernel widens a 16-element row with two unpacks); fp32 otherwise
+//   Nacc        accumulator columns: N, or 2 * round_up8(N) for the gated mode, whose panel p holds gate
+//               columns 8p..8p+7 (panel columns 0..7) and up columns 8p..8p+7 (panel columns 8..15), so that
+//               one 6x16 register tile holds a gate tile and the matching up tile side by side
+//   kMC, kKC    cache blocking: a task packs kMC x kc of A (L2) and streams the B panels (kc x 16, L1);
+//               sums over K run in registers for kc <= kKC steps, then add into a per-task fp32 buffer
+//               (blocked summation: error grows with kKC, not K)
+//   task        (row block of <= kMC rows, range of B panels); OpenMP dynamic over tasks
+//
+// Epilogue (applied to each finished 6x16 tile while it is in L1; acc = the fp32 sum):
+//   plain    pre = acc + bias;  out = act(pre) + residual (out += acc when accumulate);  pre saved if asked
+//   gated    g = acc_g + bias, u = acc_u + bias2;  out = act(g) * u;  g, u saved if asked
+//   dact     out = acc * act'(aux)                         (aux = the forward's pre-activation)
+//   dgated   out = acc * aux2 * act'(aux), out2 = acc * act(aux)   (aux = g, aux2 = u: d g and d u)
+// Every epilogue tensor (bias, residual, pre, aux, out, out2) has dtype c_dt and unit column stride.
+#pragma once
+
+#include <cmath>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+
+namespace fastllm {
+
+enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActRelu = 4, kActSilu = 5 };
+enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3 };
+
+constexpr int64_t kMR = 6;
+constexpr int64_t kNR = 16;
+constexpr int64_t kKC = 256;
+constexpr int64_t kMC = 96;
+constexpr int64_t kChunk = 32;  // k steps summed in registers before adding into C (blocked summation)
+constexpr int64_t kMaxPanelsPerTask = 64;  // bounds the per-task fp32 buffer at kMC x 1024
+
+// bf16 panels: column c of a 16-wide row is stored at kBf16Perm[c] (see the glossary).
+constexpr int kBf16Perm[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
+struct PackB {
+  void* dst;          // packed_b_elems() elements of dtype pack_dtype(src_dt)
+  const void* src;    // B(k, n) = src[k * s_k + n * s_n]
+  const void* src2;   // gated: the up projection (same shape and strides), else null
+  int64_t K, N, s_k, s_n;
+  int src_dt;
+  int nthreads;
+};
+
+static inline int pack_dtype(int src_dt) { return src_dt == kBF16 ? kBF16 : kF32; }
+static inline int64_t acc_cols(int64_t N, bool gated) { return gated ? 2 * round_up8(N) : N; }
+static inline int64_t num_panels(int64_t N, bool gated) { return (acc_cols(N, gated) + kNR - 1) / kNR; }
+static inline int64_t packed_b_elems(int64_t K, int64_t N, bool gated) { return num_panels(N, gated) * K * kNR; }
+
+struct Gemm {
+  int64_t M, N, K;
+  const void* a;
+  int64_t a_rs, a_cs;
+  int a_dt;
+  const void* b;  // packed (PackB layout of dtype b_dt; gated layout iff mode == kEpiGated)
+  int b_dt;
+  int mode, act;
+  void* c;  // M x N, row stride ldc
+  int64_t ldc;
+  void* c2;  // dgated: d u (row stride ldc)
+  const void* bias;
+  const void* bias2;
+  const void* res;
+  int64_t ld_res;
+  void* pre;  // plain: pre-activation; gated: g (null: not saved)
+  void* pre2;  // gated: u
+  int64_t ld_pre;
+  const void* aux;
+  const void* aux2;
+  int64_t ld_aux;
+  int c_dt;
+  bool accumulate;  // plain mode, fp32 out, no bias/act/residual: out += acc
+  int nthreads;
+};
+
+void pack_b(const PackB& p);
+void gemm(const Gemm& g);
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar activations in double (the portable path, and the column tails of the AVX2 epilogue).
+
+static inline double act_d(int act, double x) {
+  switch (act) {
+    case kActGelu: return 0.5 * x * std::erfc(-x * 0.70710678118654752440);
+    case kActGeluTanh: {
+      const double z = 0.7978845608028654 * (x + 0.044715 * x * x * x);
+      return x / (1.0 + std::exp(-2.0 * z));  // 0.5 x (1 + tanh z) = x sigmoid(2z)
+    }
+    case kActQuickGelu: return x / (1.0 + std::exp(-1.702 * x));
+    case kActRelu: return x > 0.0 ? x : (x == x ? 0.0 : x);
+    case kActSilu: return x / (1.0 + std::exp(-x));
+    default: return x;
+  }
+}
+
+static inline double dact_d(int act, double x) {
+  switch (act) {
+    case kActGelu: {
+      const double cdf = 0.5 * std::erfc(-x * 0.70710678118654752440);
+      return cdf + x * 0.3989422804014327 * std::exp(-0.5 * x * x);
+    }
+    case kActGeluTanh: {
+      const double z = 0.7978845608028654 * (x + 0.044715 * x * x * x);
+      const double s = 1.0 / (1.0 + std::exp(-2.0 * z));
+      return s + x * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * x * x);
+    }
+    case kActQuickGelu: {
+      const double s = 1.0 / (1.0 + std::exp(-1.702 * x));
+      return s + 1.702 * x * s * (1.0 - s);
+    }
+    case kActRelu: return x > 0.0 ? 1.0 : 0.0;
+    case kActSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-x));
+      return s * (1.0 + x * (1.0 - s));
+    }
+    default: return 1.0;
+  }
+}
+
+template <class S>
+static inline float ld(const void* p, int64_t i) {
+  return S::load(static_cast<const typename S::T*>(p) + i);
+}
+template <class S>
+static inline void st(void* p, int64_t i, float v) {
+  static_cast<typename S::T*>(p)[i] = S::from(v);
+}
+
+// Epilogue of one accumulator row, scalar: columns [c0, c1) of accumulator row `acc` (panel p's 16 columns;
+// gated: 8 output columns), output row m. The AVX2 path calls it for partial 8-column groups.
+template <class S>
+static inline void epilogue_cols_scalar(const Gemm& g, const float* acc, int64_t m, int64_t p, int64_t c0,
+                                        int64_t c1) {
+  if (g.mode == kEpiGated) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const int64_t n = p * 8 + j;
+      float gv = acc[j], uv = acc[8 + j];
+      if (g.bias) gv += ld<S>(g.bias, n);
+      if (g.bias2) uv += ld<S>(g.bias2, n);
+      if (g.pre) st<S>(g.pre, m * g.ld_pre + n, gv), st<S>(g.pre2, m * g.ld_pre + n, uv);
+      st<S>(g.c, m * g.ldc + n, static_cast<float>(act_d(g.act, gv) * uv));
+    }
+    return;
+  }
+  for (int64_t j = c0; j < c1; ++j) {
+    const int64_t n = p * kNR + j;
+    const float v = acc[j];
+    switch (g.mode) {
+      case kEpiDact:
+        st<S>(g.c, m * g.ldc + n, static_cast<float>(v * dact_d(g.act, ld<S>(g.aux, m * g.ld_aux + n))));
+        break;
+      case kEpiDgated: {
+        const double gv = ld<S>(g.aux, m * g.ld_aux + n), uv = ld<S>(g.aux2, m * g.ld_aux + n);
+        st<S>(g.c, m * g.ldc + n, static_cast<float>(v * uv * dact_d(g.act, gv)));
+        st<S>(g.c2, m * g.ldc + n, static_cast<float>(v * act_d(g.act, gv)));
+        break;
+      }
+      default: {
+        if (g.accumulate) {
+          float* o = static_cast<float*>(g.c) + m * g.ldc + n;
+          *o += v;
+          break;
+        }
+        float pre = v;
+        if (g.bias) pre += ld<S>(g.bias, n);
+        if (g.pre) st<S>(g.pre, m * g.ld_pre + n, pre);
+        float y = g.act == kActNone ? pre : static_cast<float>(act_d(g.act, pre));
+        if (g.res) y += ld<S>(g.res, m * g.ld_res + n);
+        st<S>(g.c, m * g.ldc + n, y);
+      }
+    }
+  }
+}
+
+// Output columns held by panel p (clipped at N): plain 16, gated 8.
+static inline int64_t panel_out_cols(const Gemm& g, int64_t p) {
+  const int64_t w = g.mode == kEpiGated ? 8 : kNR;
+  return imin(w, g.N - p * w);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The blocked driver, shared by the portable and the AVX2 paths. Ops provides:
+//   ukr(R, kc, a_panel, b_panel, b_dt, c, ldc, load_c): c (R x 16 fp32) (+)= A_panel B_panel over kc steps
+//   epilogue(g, tile, ldt, m, rows, p): the epilogue of rows [m, m + rows) of panel p from the fp32 tile
+
+template <class S>
+static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst) {
+  const auto* a = static_cast<const typename S::T*>(g.a);
+  for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
+    float* d = dst + r0 * kc;
+    const int64_t rows = imin(kMR, mr - r0);
+    for (int64_t r = 0; r < kMR; ++r) {
+      if (r >= rows) {
+        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = 0.f;
+        continue;
+      }
+      const typename S::T* src = a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs;
+      if (g.a_cs == 1) {
+        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = S::to(src[k]);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = S::to(src[k * g.a_cs]);
+      }
+    }
+  }
+}
+
+template <class Ops>
+void gemm_impl(const Gemm& g) {
+  const bool gated = g.mode == kEpiGated;
+  const int64_t M = g.M, K = g.K, panels = num_panels(g.N, gated);
+  const int nt = g.nthreads < 1 ? 1 : g.nthreads;
+  const int64_t mblocks = (M + kMC - 1) / kMC;
+  const int64_t mc = (M + mblocks - 1) / mblocks;
+  // split the columns too when there are few row blocks (decode), and to bound the per-task buffer
+  int64_t nsplit = imax(1, imin(panels, (4 * nt + mblocks - 1) / mblocks));
+  nsplit = imax(nsplit, (panels + kMaxPanelsPerTask - 1) / kMaxPanelsPerTask);
+  const int64_t ppt = (panels + nsplit - 1) / nsplit;
+  nsplit = (panels + ppt - 1) / ppt;
+  const int64_t kblocks = K > 0 ? (K + kKC - 1) / kKC : 1;
+  const int64_t kcmax = K > 0 ? round_up8((K + kblocks - 1) / kblocks) : 0;
+  const int64_t mcp = (mc + kMR - 1) / kMR * kMR;
+  const int64_t ldt = ppt * kNR;
+  const int64_t per_thread = mcp * kcmax + mcp * ldt + 64;
+  float* scratch = alloc_floats(static_cast<size_t>(per_thread) * nt);
+  const int64_t ntasks = mblocks * nsplit;
+  const int64_t bsz = g.b_dt == kF32 ? 4 : 2;
+
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* apack = scratch + tid * per_thread;
+    float* cbuf = apack + mcp * kcmax;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t mb = t / nsplit, ns = t % nsplit;
+      const int64_t m0 = mb * mc, mr = imin(mc, M - m0);
+      const int64_t p0 = ns * ppt, p1 = imin(panels, p0 + ppt);
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
+        const bool last = kb + 1 == kblocks;
+        switch (g.a_dt) {
+          case kBF16: pack_a_block<BF16s>(g, m0, mr, k0, kc, apack); break;
+          case kF16: pack_a_block<F16s>(g, m0, mr, k0, kc, apack); break;
+          default: pack_a_block<F32s>(g, m0, mr, k0, kc, apack); break;
+        }
+        for (int64_t p = p0; p < p1; ++p) {
+          const char* bp = static_cast<const char*>(g.b) + (p * K + k0) * kNR * bsz;
+          float* ct = cbuf + (p - p0) * kNR;
+          for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
+            const int rows = static_cast<int>(imin(kMR, mr - r0));
+            Ops::ukr(rows, kc, apack + r0 * kc, bp, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
+            if (last) Ops::epilogue(g, ct + r0 * ldt, ldt, m0 + r0, rows, p);
+          }
+        }
+      }
+    }
+  }
+  std::free(scratch);
+}
+
+}  // namespace fastllm

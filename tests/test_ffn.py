@@ -1,0 +1,374 @@
+"""fastllm.linear / fused_ffn / fused_gated_ffn: outputs and every gradient vs float64 under DESIGN.md's
+criterion (2x torch eager's error in the same dtype), on the C++ paths (AVX2 and portable) and the reference;
+weight-cache staleness, opcheck, torch.compile, saved-activation memory and bad inputs. The Triton kernels
+have their own interpreter tests (test_gemm_triton.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from fastllm.ops import ffn as L
+from fastllm.testing import assert_equivalent
+
+ACTS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+
+
+def _act(name, x):
+    return L.act_ref(name, x)
+
+
+def eager_linear(x, w, b, act, res):
+    y = _act(act, F.linear(x, w, b)) if act else F.linear(x, w, b)
+    return y + res if res is not None else y
+
+
+def eager_ffn(x, w1, b1, w2, b2, act):
+    return F.linear(_act(act, F.linear(x, w1, b1)), w2, b2)
+
+
+def eager_gated(x, wg, wu, wd, act, bg=None, bu=None, bd=None):
+    return F.linear(_act(act, F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+def _params(shapes, dtype, names):
+    """fp64 masters (random normal, weights scaled by 1/sqrt(fan_in)), then (ours, eager, ref) leaf copies."""
+    masters = []
+    for name, shape in zip(names, shapes, strict=True):
+        if shape is None:
+            masters.append(None)
+            continue
+        t = torch.randn(shape, dtype=torch.float64)
+        if name.startswith("w"):
+            t = t / math.sqrt(shape[1])
+        masters.append(t)
+
+    def copies(dt):
+        return [None if m is None else m.to(dt).requires_grad_(True) for m in masters]
+
+    return copies(dtype), copies(dtype), copies(torch.float64)
+
+
+def _check_all(fn_ours, fn_eager, shapes, names, dtype, grads=True):
+    ours, eager, ref = _params(shapes, dtype, names)
+    y_o, y_e, y_r = fn_ours(*ours), fn_eager(*eager), fn_eager(*ref)
+    assert y_o.dtype == dtype and y_o.shape == y_r.shape
+    assert_equivalent(y_o, y_e, y_r, "output")
+    if not grads:
+        return
+    dy = torch.randn(y_r.shape, dtype=torch.float64)
+    y_o.backward(dy.to(dtype))
+    y_e.backward(dy.to(dtype))
+    y_r.backward(dy)
+    for name, o, e, r in zip(names, ours, eager, ref, strict=True):
+        if o is None:
+            continue
+        assert o.grad is not None, f"no gradient for {name}"
+        assert_equivalent(o.grad, e.grad, r.grad, f"grad {name}")
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [None, *ACTS])
+@pytest.mark.parametrize("T,n_in,n_out", [(1, 7, 5), (3, 100, 333), (64, 33, 17), (257, 100, 48)])
+def test_linear(cpu_isa, T, n_in, n_out, act, dtype):
+    _check_all(
+        lambda x, w, b: fastllm.linear(x, w, b, activation=act),
+        lambda x, w, b: eager_linear(x, w, b, act, None),
+        [(T, n_in), (n_out, n_in), (n_out,)],
+        ["x", "w", "b"],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_linear_residual_and_batch_dims(cpu_isa, dtype):
+    _check_all(
+        lambda x, w, b, r: fastllm.linear(x, w, b, activation="gelu", residual=r),
+        lambda x, w, b, r: eager_linear(x, w, b, "gelu", r),
+        [(2, 5, 40), (24, 40), (24,), (2, 5, 24)],
+        ["x", "w", "b", "r"],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("T", [1, 3, 64, 257])
+def test_ffn_odd(cpu_isa, T, act, dtype):
+    _check_all(
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation=act),
+        lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, act),
+        [(T, 100), (333, 100), (333,), (100, 333), (100,)],
+        ["x", "w1", "b1", "w2", "b2"],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 64, 257])
+def test_ffn_bert_size(T, dtype):
+    _check_all(
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2),
+        lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, "gelu"),
+        [(T, 768), (3072, 768), (3072,), (768, 3072), (768,)],
+        ["x", "w1", "b1", "w2", "b2"],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("T", [1, 3, 64, 257])
+def test_gated_odd(cpu_isa, T, act, dtype):
+    _check_all(
+        lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd, activation=act),
+        lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, act),
+        [(T, 100), (333, 100), (333, 100), (100, 333)],
+        ["x", "wg", "wu", "wd"],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 64, 257])
+def test_gated_smollm_size(T, dtype):
+    _check_all(
+        lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd),
+        lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, "silu"),
+        [(T, 576), (1536, 576), (1536, 576), (576, 1536)],
+        ["x", "wg", "wu", "wd"],
+        dtype,
+    )
+
+
+def test_gated_biases(cpu_isa):
+    _check_all(
+        lambda x, wg, wu, wd, bg, bu, bd: fastllm.fused_gated_ffn(x, wg, wu, wd, "gelu", bg, bu, bd),
+        lambda x, wg, wu, wd, bg, bu, bd: eager_gated(x, wg, wu, wd, "gelu", bg, bu, bd),
+        [(9, 40), (21, 40), (21, 40), (13, 21), (21,), (21,), (13,)],
+        ["x", "wg", "wu", "wd", "bg", "bu", "bd"],
+        torch.float32,
+    )
+
+
+def test_fp16_ffn(cpu_isa):
+    _check_all(
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation="quick_gelu"),
+        lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, "quick_gelu"),
+        [(17, 64), (100, 64), (100,), (64, 100), (64,)],
+        ["x", "w1", "b1", "w2", "b2"],
+        torch.float16,
+    )
+
+
+def test_non_contiguous_inputs(cpu_isa):
+    x = torch.randn(40, 30).t()  # (30, 40) transposed view
+    w = torch.randn(50, 40)[::2]  # row stride 80
+    ref = F.linear(x.double(), w.double())
+    assert_equivalent(fastllm.linear(x, w), F.linear(x, w), ref)
+    wt = torch.randn(40, 25).t()  # weight as a transposed view: column stride != 1
+    assert_equivalent(fastllm.linear(x, wt), F.linear(x, wt), F.linear(x.double(), wt.double()))
+
+
+def test_float64_runs_reference():
+    x, w = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    with fastllm.explain() as log:
+        y = fastllm.linear(x, w, activation="silu")
+    assert log[-1].backend == "reference"
+    torch.testing.assert_close(y, F.silu(F.linear(x, w)))
+
+
+def test_zero_tokens_and_zero_features():
+    w1, w2 = torch.randn(16, 8), torch.randn(8, 16)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = fastllm.fused_ffn(x, w1, None, w2, None)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert fastllm.fused_gated_ffn(torch.randn(2, 0, 8), w1, w1, w2).shape == (2, 0, 8)
+    # in_features = 0: x W^T = 0, the epilogue still adds the bias and applies the activation
+    b = torch.randn(5)
+    y = fastllm.linear(torch.randn(3, 0), torch.randn(5, 0), b, activation="gelu")
+    torch.testing.assert_close(y, F.gelu(b).expand(3, 5))
+
+
+def test_weight_cache_sees_in_place_updates(cpu_isa):
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 64)
+    y0 = fastllm.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # an optimizer-style in-place update: bumps the version counter
+    y1 = fastllm.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(y1, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y0, y1)
+    # an optimizer step on a module
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    fastllm.linear(x, lin.weight, lin.bias).sum().backward()
+    opt.step()
+    torch.testing.assert_close(fastllm.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    # a freed weight whose memory is reused by a new tensor of the same shape must not hit the old entry
+    for _ in range(3):
+        w = torch.randn(48, 64)
+        torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        del w
+    # gated weights: updating only the up projection must repack the interleaved panels
+    wg, wu, wd = torch.randn(32, 64) / 8, torch.randn(32, 64) / 8, torch.randn(16, 32) / 6
+    fastllm.fused_gated_ffn(x, wg, wu, wd)
+    wu.add_(1.0)
+    torch.testing.assert_close(fastllm.fused_gated_ffn(x, wg, wu, wd), eager_gated(x, wg, wu, wd, "silu"),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_weight_cache_is_dropped_with_the_weight():
+    L.clear_weight_cache()
+    w = torch.randn(48, 64)
+    fastllm.linear(torch.randn(2, 64), w)
+    assert len(L._cache) == 1
+    del w
+    assert len(L._cache) == 0
+
+
+def test_inference_tensor_weights():
+    with torch.inference_mode():
+        w = torch.randn(24, 40)
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(fn, *args):
+    """Bytes of the tensors autograd keeps for the backward of fn(*args), beyond the inputs themselves."""
+    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        p = t.untyped_storage().data_ptr()
+        if p not in inputs and p not in seen:
+            seen.add(p)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
+def test_saved_activation_memory():
+    T, d, n_mid = 128, 64, 256
+    x = torch.randn(T, d, requires_grad=True)
+    wg, wu, wd = (torch.randn(n_mid, d, requires_grad=True), torch.randn(n_mid, d, requires_grad=True),
+                  torch.randn(d, n_mid, requires_grad=True))  # fmt: skip
+    ours = _saved_bytes(lambda *a: fastllm.fused_gated_ffn(*a), x, wg, wu, wd)
+    eager = _saved_bytes(lambda *a: eager_gated(*a, "silu"), x, wg, wu, wd)
+    assert ours == 2 * T * n_mid * 4  # g and u only
+    assert ours <= 0.7 * eager, (ours, eager)
+    w1, w2 = torch.randn(n_mid, d, requires_grad=True), torch.randn(d, n_mid, requires_grad=True)
+    ours = _saved_bytes(lambda *a: fastllm.fused_ffn(*a, None, activation="gelu"), x, w1, None, w2)
+    eager = _saved_bytes(lambda x, w1, w2: eager_ffn(x, w1, None, w2, None, "gelu"), x, w1, w2)
+    assert ours == T * n_mid * 4 and ours <= 0.7 * eager, (ours, eager)
+
+
+def test_no_saved_pre_activation_without_grad():
+    x, w1, w2 = torch.randn(8, 16), torch.randn(32, 16), torch.randn(16, 32)
+    with fastllm.explain() as log:
+        fastllm.fused_ffn(x, w1, None, w2, None)
+    assert log[-1].op == "ffn_fwd"
+    _, pre = torch.ops.fastllm.ffn_fwd(x, w1, None, w2, None, "gelu", False)
+    assert pre.numel() == 0
+
+
+def test_opcheck():
+    x = torch.randn(5, 12, requires_grad=True)
+    w1, b1 = torch.randn(20, 12, requires_grad=True), torch.randn(20, requires_grad=True)
+    w2, b2 = torch.randn(7, 20, requires_grad=True), torch.randn(7, requires_grad=True)
+    r = torch.randn(5, 20, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastllm.linear_fwd, (x, w1, b1, r, "gelu", True))
+    torch.library.opcheck(torch.ops.fastllm.ffn_fwd, (x, w1, b1, w2, b2, "silu", True))
+    w2 = torch.randn(20, 12, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastllm.gated_ffn_fwd, (x, w1, w2, torch.randn(7, 20), None, b1, b2, "silu", True))
+    a, b, aux = torch.randn(6, 5), torch.randn(5, 9), torch.randn(6, 9)
+    torch.library.opcheck(torch.ops.fastllm.matmul_ex, (a, b, aux, aux, "dgated", "gelu"))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    mlp = fastllm.nn.FusedGatedFFN(32, 48)
+    ffn = fastllm.nn.FusedFFN(32, 40, activation="gelu_tanh")
+
+    def f(x):
+        return ffn(mlp(x)) + fastllm.linear(x, ffn.fc1.weight[:32], activation="relu")
+
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, f(x), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_modules_match_hf_style_state_dicts():
+    ffn = fastllm.nn.FusedFFN(24, 40, activation="gelu")
+    assert set(ffn.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    mlp = fastllm.nn.FusedGatedFFN(24, 40)
+    assert set(mlp.state_dict()) == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    x = torch.randn(2, 5, 24)
+    sd = ffn.state_dict()
+    torch.testing.assert_close(
+        ffn(x), F.linear(F.gelu(F.linear(x, sd["fc1.weight"], sd["fc1.bias"])), sd["fc2.weight"], sd["fc2.bias"]),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    sd = mlp.state_dict()
+    torch.testing.assert_close(
+        mlp(x), eager_gated(x, sd["gate_proj.weight"], sd["up_proj.weight"], sd["down_proj.weight"], "silu"),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    clone = fastllm.nn.FusedGatedFFN(24, 40)
+    clone.load_state_dict(sd)
+    torch.testing.assert_close(clone(x), mlp(x))
+
+
+def test_reference_backend_matches():
+    x, w1, w2 = torch.randn(9, 16), torch.randn(30, 16), torch.randn(16, 30)
+    with fastllm.backend("reference"):
+        r = fastllm.fused_ffn(x, w1, None, w2, None, activation="silu")
+    torch.testing.assert_close(fastllm.fused_ffn(x, w1, None, w2, None, activation="silu"), r, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: clear errors, never a crash.
+
+
+def test_bad_inputs():
+    x, w1, w2 = torch.randn(4, 8), torch.randn(16, 8), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="do not chain"):
+        fastllm.fused_ffn(x, w1, None, torch.randn(8, 15), None)
+    with pytest.raises(ValueError, match="one shape"):
+        fastllm.fused_gated_ffn(x, w1, torch.randn(17, 8), w2)
+    with pytest.raises(ValueError, match="do not chain"):
+        fastllm.fused_gated_ffn(x, w1, w1, torch.randn(8, 12))
+    with pytest.raises(ValueError, match="in_features"):
+        fastllm.linear(torch.randn(4, 9), w1)
+    with pytest.raises(ValueError, match="accepted: gelu, gelu_tanh, quick_gelu, relu, silu"):
+        fastllm.fused_ffn(x, w1, None, w2, None, activation="swish")
+    with pytest.raises(ValueError, match="unknown activation"):
+        fastllm.linear(x, w1, activation="tanh")
+    with pytest.raises(TypeError, match="floating"):
+        fastllm.linear(x.to(torch.int32), w1.to(torch.int32))
+    with pytest.raises(TypeError, match="dtype"):
+        fastllm.linear(x, w1.double())
+    with pytest.raises(ValueError, match="device"):
+        fastllm.linear(x, w1.to("meta"))
+    with pytest.raises(ValueError, match="bias"):
+        fastllm.linear(x, w1, torch.randn(3))
+    with pytest.raises(ValueError, match="residual"):
+        fastllm.linear(x, w1, residual=torch.randn(4, 3))
+    with pytest.raises(TypeError, match="tensor"):
+        fastllm.fused_ffn(x, w1, None, None, None)
+    with pytest.raises(ValueError, match="2-D"):
+        fastllm.linear(x, torch.randn(16))
