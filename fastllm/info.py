@@ -24,6 +24,9 @@ def _probes() -> dict:
             *(x.view(1, 1, *x.shape),) * 2,
             torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device),
         ),
+        "linear": lambda x: fastllm.linear(x, x, activation="gelu"),
+        "fused_ffn": lambda x: fastllm.fused_ffn(x, x.t(), None, x, None),
+        "fused_gated_ffn": lambda x: fastllm.fused_gated_ffn(x, x.t(), x.t(), x),
     }
 
 
@@ -90,8 +93,8 @@ def report() -> str:
         f"fastllm._C     {_ext.STATUS}",
     ]
     if _ext.C is not None:
-        lines.append(f"  ISA path     {_ext.C.isa()} (AVX2 path available: {_ext.C.avx2_available()}; "
-                     f"FASTLLM_ISA=scalar forces the portable path)")  # fmt: skip
+        lines.append(f"  ISA path     {_ext.C.isa()} (AVX2: {_ext.C.avx2_available()}, AVX-512 GEMM: "
+                     f"{_ext.C.avx512_available()}; FASTLLM_ISA=avx2|scalar narrows the choice)")  # fmt: skip
         lines.append(
             f"  OpenMP       max threads {_ext.C.openmp_max_threads()}; calls use torch.get_num_threads(), "
             "one thread below 32K elements per thread"

@@ -28,3 +28,18 @@ def cpu_isa(request):
     prev = C.set_isa(request.param)
     yield request.param
     C.set_isa(prev)
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def gemm_isa(request):
+    """The GEMM engine's ISA paths (only it has an AVX-512 kernel; the other ops run AVX2 code under avx512)."""
+    C = fastllm._ext.C
+    if C is None:
+        pytest.skip(f"C++ extension not loaded ({fastllm._ext.STATUS})")
+    if request.param == "avx2" and not C.avx2_available():
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    if request.param == "avx512" and not C.avx512_available():
+        pytest.skip("this CPU or build has no AVX-512 (F/BW/VL/DQ)")
+    prev = C.set_isa(request.param)
+    yield request.param
+    C.set_isa(prev)

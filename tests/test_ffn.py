@@ -75,7 +75,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", [None, *ACTS])
 @pytest.mark.parametrize("T,n_in,n_out", [(1, 7, 5), (3, 100, 333), (64, 33, 17), (257, 100, 48)])
-def test_linear(cpu_isa, T, n_in, n_out, act, dtype):
+def test_linear(gemm_isa, T, n_in, n_out, act, dtype):
     _check_all(
         lambda x, w, b: fastllm.linear(x, w, b, activation=act),
         lambda x, w, b: eager_linear(x, w, b, act, None),
@@ -86,7 +86,7 @@ def test_linear(cpu_isa, T, n_in, n_out, act, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_linear_residual_and_batch_dims(cpu_isa, dtype):
+def test_linear_residual_and_batch_dims(gemm_isa, dtype):
     _check_all(
         lambda x, w, b, r: fastllm.linear(x, w, b, activation="gelu", residual=r),
         lambda x, w, b, r: eager_linear(x, w, b, "gelu", r),
@@ -99,7 +99,7 @@ def test_linear_residual_and_batch_dims(cpu_isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("T", [1, 3, 64, 257])
-def test_ffn_odd(cpu_isa, T, act, dtype):
+def test_ffn_odd(gemm_isa, T, act, dtype):
     _check_all(
         lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation=act),
         lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, act),
@@ -124,7 +124,7 @@ def test_ffn_bert_size(T, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("T", [1, 3, 64, 257])
-def test_gated_odd(cpu_isa, T, act, dtype):
+def test_gated_odd(gemm_isa, T, act, dtype):
     _check_all(
         lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd, activation=act),
         lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, act),
@@ -146,7 +146,7 @@ def test_gated_smollm_size(T, dtype):
     )
 
 
-def test_gated_biases(cpu_isa):
+def test_gated_biases(gemm_isa):
     _check_all(
         lambda x, wg, wu, wd, bg, bu, bd: fastllm.fused_gated_ffn(x, wg, wu, wd, "gelu", bg, bu, bd),
         lambda x, wg, wu, wd, bg, bu, bd: eager_gated(x, wg, wu, wd, "gelu", bg, bu, bd),
@@ -156,7 +156,7 @@ def test_gated_biases(cpu_isa):
     )
 
 
-def test_fp16_ffn(cpu_isa):
+def test_fp16_ffn(gemm_isa):
     _check_all(
         lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation="quick_gelu"),
         lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, "quick_gelu"),
@@ -166,7 +166,7 @@ def test_fp16_ffn(cpu_isa):
     )
 
 
-def test_non_contiguous_inputs(cpu_isa):
+def test_non_contiguous_inputs(gemm_isa):
     x = torch.randn(40, 30).t()  # (30, 40) transposed view
     w = torch.randn(50, 40)[::2]  # row stride 80
     ref = F.linear(x.double(), w.double())
@@ -197,7 +197,7 @@ def test_zero_tokens_and_zero_features():
     torch.testing.assert_close(y, F.gelu(b).expand(3, 5))
 
 
-def test_weight_cache_sees_in_place_updates(cpu_isa):
+def test_weight_cache_sees_in_place_updates(gemm_isa):
     lin = torch.nn.Linear(64, 48)
     x = torch.randn(5, 64)
     y0 = fastllm.linear(x, lin.weight, lin.bias)

@@ -121,11 +121,29 @@ def test_linear_fp16():
     check_linear(x, w, b, r, "silu", True, "linear fp16")
 
 
-@pytest.mark.parametrize("block", [(16, 32, 16), (32, 16, 32), (16, 16, 64)], ids=str)
+# (BLOCK_M, BLOCK_N, BLOCK_K[, EPI_SPLIT]): the test hook's forced tiles
+BLOCKS = [(16, 32, 16, 2), (32, 16, 32), (16, 64, 64, 4)]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
 def test_linear_forced_blocks(block):
-    """Other tile shapes: grouped order over 5 x 2-3 tiles, K in one partial or several steps."""
+    """Other tile shapes: grouped order over 5 x 1-3 tiles, K in one partial or several steps, the epilogue on
+    column slices of the tile (EPI_SPLIT 2, 4; slices wholly past N included)."""
     x, w, b, r = rand(70, 45), rand(37, 45), rand(37), rand(70, 37)
     check_linear(x, w, b, r, "quick_gelu", True, f"linear block={block}", block=block)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+def test_gated_and_dgated_forced_blocks(block):
+    x, wg, wu, bg, bu = rand(70, 45), rand(37, 45), rand(37, 45), rand(37), rand(37)
+    check_gated(x, wg, wu, bg, bu, "gelu", True, f"gated block={block}", block=block)
+    a, b = operands(70, 37, 45, F32, True, False)
+    g, u = rand(70, 37), rand(70, 37)
+    dg, du = gemm.matmul(a, b, "dgated", "silu", g, u, block=block)
+    refs = dgated_eager(a.double() @ b.double(), g.double(), u.double(), "silu")
+    eagers = dgated_eager(a @ b, g, u, "silu")
+    assert_equivalent(dg, eagers[0], refs[0], f"dg block={block}")
+    assert_equivalent(du, eagers[1], refs[1], f"du block={block}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,3 +373,5 @@ def test_outputs_fully_written(monkeypatch):
 def test_bad_block():
     with pytest.raises(ValueError, match="powers of two"):
         gemm.linear(rand(4, 4), rand(4, 4), block=(8, 16, 16))
+    with pytest.raises(ValueError, match="split"):
+        gemm.linear(rand(4, 4), rand(4, 4), block=(16, 16, 16, 3))

@@ -124,7 +124,7 @@ void attn_fwd(const AttnFwd& a) {
   check_shape(a.s);
   if (a.out == nullptr || a.stats == nullptr) throw std::invalid_argument("attn_fwd: missing output pointer");
 #ifdef FASTLLM_HAVE_AVX2
-  if (active_isa() == Isa::kAvx2) return attn_fwd_avx2(a);
+  if (active_isa() >= Isa::kAvx2) return attn_fwd_avx2(a);
 #endif
   attn_fwd_scalar(a);
 }
@@ -135,7 +135,7 @@ void attn_bwd(const AttnBwd& a) {
       a.stats == nullptr)
     throw std::invalid_argument("attn_bwd: missing pointer");
 #ifdef FASTLLM_HAVE_AVX2
-  if (active_isa() == Isa::kAvx2) return attn_bwd_avx2(a);
+  if (active_isa() >= Isa::kAvx2) return attn_bwd_avx2(a);
 #endif
   attn_bwd_scalar(a);
 }

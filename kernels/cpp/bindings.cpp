@@ -23,6 +23,7 @@ std::string set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 bool cpu_has(const char* name);
 bool avx2_path_available();
+bool avx512_path_available();
 void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream);
 double fma_loop(int64_t iters, int nthreads, bool avx2);
 }  // namespace fastllm
@@ -74,8 +75,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ABI") = kAbi;
 
   m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The ISA path the kernels use now.");
-  m.def("set_isa", &set_isa, py::arg("name"), "Switch to 'auto', 'scalar' or 'avx2'; returns the previous path.");
+  m.def("set_isa", &set_isa, py::arg("name"), "Switch to 'auto', 'scalar', 'avx2' or 'avx512'; returns the previous path.");
   m.def("avx2_available", &avx2_path_available, "Whether this build and CPU can run the AVX2+FMA+F16C path.");
+  m.def("avx512_available", &avx512_path_available, "Whether this build and CPU can run the AVX-512 GEMM path.");
   m.def("cpu_features", [] {
     py::dict d;
     for (const char* f : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni"}) d[f] = cpu_has(f);

@@ -18,7 +18,9 @@ namespace fastllm {
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Instruction-set paths; chosen once from the CPU's features (cpu_features.cpp), overridable for tests.
-enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+// Ordered: a path runs the kernels of every lower path that has no version of its own (only the GEMM has an
+// AVX-512 version; under kAvx512 the other ops run their AVX2 kernels).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa active_isa();
 
 // Hint the OS to back a large, about-to-be-written output with huge pages (memory.cpp).

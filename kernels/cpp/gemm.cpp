@@ -8,6 +8,9 @@ namespace fastllm {
 #ifdef FASTLLM_HAVE_AVX2
 void gemm_avx2(const Gemm& g);
 #endif
+#ifdef FASTLLM_HAVE_AVX512
+void gemm_avx512(const Gemm& g);
+#endif
 
 namespace {
 
@@ -38,6 +41,7 @@ void pack_all(const PackB& pb) {
 }
 
 struct ScalarOps {
+  static constexpr int64_t kMR = 6;
   static void ukr(int rows, int64_t kc, const float* a, const void* b, int b_dt, float* c, int64_t ldc, bool load) {
     float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
     for (int64_t k = 0; k < kc; ++k) {
@@ -99,8 +103,11 @@ void gemm(const Gemm& g) {
       (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)) || (g.accumulate && g.c_dt != kF32))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
   if (g.M == 0 || g.N == 0) return;
+#ifdef FASTLLM_HAVE_AVX512
+  if (active_isa() == Isa::kAvx512) return gemm_avx512(g);
+#endif
 #ifdef FASTLLM_HAVE_AVX2
-  if (active_isa() == Isa::kAvx2) return gemm_avx2(g);
+  if (active_isa() >= Isa::kAvx2) return gemm_avx2(g);
 #endif
   gemm_impl<ScalarOps>(g);
 }

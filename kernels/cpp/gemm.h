@@ -5,7 +5,8 @@
 // Glossary
 //   M, N, K     C is M x N (N = output columns; for the gated mode N = the intermediate size I), K the depth
 //   A           M x K, element (m, k) at a[m * a_rs + k * a_cs], fp32/bf16/fp16; packed per cache block into
-//               fp32 micro-panels of kMR rows, k-major ([k][kMR], rows past M are zero)
+//               fp32 micro-panels of kMR rows (Ops::kMR: 6 for AVX2 and portable, 12 for AVX-512), k-major
+//               ([k][kMR], rows past M are zero)
 //   B           K x Nacc, pre-packed by pack_b() (cached by Python for weights): panels of kNR = 16 columns,
 //               panel p = K x 16 elements k-major, zero past N and, for 16-bit weights, bf16 with the column
 //               order of kBf16Perm (the micro-kernel widens a 16-element row with two unpacks); fp32 otherwise
@@ -38,7 +39,6 @@ namespace fastllm {
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActRelu = 4, kActSilu = 5 };
 enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3 };
 
-constexpr int64_t kMR = 6;
 constexpr int64_t kNR = 16;
 constexpr int64_t kKC = 256;
 constexpr int64_t kMC = 96;
@@ -195,25 +195,26 @@ static inline int64_t panel_out_cols(const Gemm& g, int64_t p) {
 
 // ---------------------------------------------------------------------------------------------------
 // The blocked driver, shared by the portable and the AVX2 paths. Ops provides:
+//   kMR, the rows of a micro-tile
 //   ukr(R, kc, a_panel, b_panel, b_dt, c, ldc, load_c): c (R x 16 fp32) (+)= A_panel B_panel over kc steps
 //   epilogue(g, tile, ldt, m, rows, p): the epilogue of rows [m, m + rows) of panel p from the fp32 tile
 
-template <class S>
+template <class S, int64_t MR>
 static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst) {
   const auto* a = static_cast<const typename S::T*>(g.a);
-  for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
+  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
     float* d = dst + r0 * kc;
-    const int64_t rows = imin(kMR, mr - r0);
-    for (int64_t r = 0; r < kMR; ++r) {
+    const int64_t rows = imin(MR, mr - r0);
+    for (int64_t r = 0; r < MR; ++r) {
       if (r >= rows) {
-        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = 0.f;
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = 0.f;
         continue;
       }
       const typename S::T* src = a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs;
       if (g.a_cs == 1) {
-        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = S::to(src[k]);
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = S::to(src[k]);
       } else {
-        for (int64_t k = 0; k < kc; ++k) d[k * kMR + r] = S::to(src[k * g.a_cs]);
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = S::to(src[k * g.a_cs]);
       }
     }
   }
@@ -221,6 +222,7 @@ static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
 
 template <class Ops>
 void gemm_impl(const Gemm& g) {
+  constexpr int64_t kMR = Ops::kMR;
   const bool gated = g.mode == kEpiGated;
   const int64_t M = g.M, K = g.K, panels = num_panels(g.N, gated);
   const int nt = g.nthreads < 1 ? 1 : g.nthreads;
@@ -258,9 +260,9 @@ void gemm_impl(const Gemm& g) {
         const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
         const bool last = kb + 1 == kblocks;
         switch (g.a_dt) {
-          case kBF16: pack_a_block<BF16s>(g, m0, mr, k0, kc, apack); break;
-          case kF16: pack_a_block<F16s>(g, m0, mr, k0, kc, apack); break;
-          default: pack_a_block<F32s>(g, m0, mr, k0, kc, apack); break;
+          case kBF16: pack_a_block<BF16s, kMR>(g, m0, mr, k0, kc, apack); break;
+          case kF16: pack_a_block<F16s, kMR>(g, m0, mr, k0, kc, apack); break;
+          default: pack_a_block<F32s, kMR>(g, m0, mr, k0, kc, apack); break;
         }
         for (int64_t p = p0; p < p1; ++p) {
           const char* bp = static_cast<const char*>(g.b) + (p * K + k0) * kNR * bsz;

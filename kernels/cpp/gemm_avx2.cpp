@@ -1,112 +1,17 @@
-// GEMM engine, AVX2+FMA path: the 6x16 micro-kernel and the vectorized epilogue (see gemm.h).
+// GEMM engine, AVX2+FMA path: the 6x16 micro-kernel (see gemm.h); epilogue in gemm_epilogue_avx2.h.
 //
 // Micro-kernel: 12 fp32 accumulators (6 rows x 2 vectors) in named registers, per k step two B vectors
 // (fp32 panel: two loads; bf16 panel: one 32-byte load widened by unpacking with zero, which needs the
 // kBf16Perm column order) and six broadcasts of A, 12 FMAs. Zen 3 issues 2 FMAs per cycle, so a step is 6
 // cycles of FMA for 8 loads: FMA-bound as long as the B panel (kc x 16) stays in L1 and A streams from L2.
-//
-// Activations (fp32, vectorized):
-//   sigmoid(x) = 1 / (1 + 2^(-x log2 e)) with exp2_ps (vec_avx2.h)
-//   gelu(x) = x Phi(x), Phi(x) = (1 + erf(t)) / 2, t = x / sqrt 2:
-//     |t| <= 1: erf(t) = t P(t^2), P of degree 6 (least squares on Chebyshev nodes, 3 ulp in fp32)
-//     |t| >  1: erfc(|t|) = exp(-t^2) S(1/|t|) / |t|, S of degree 10 on u = 1/|t| in [0.1, 1] (5 ulp), so
-//              Phi(x) = erfc/2 for x < 0 keeps its relative accuracy in the tail (no 1 + erf cancellation)
-//   gelu'(x) = Phi(x) + x exp(-x^2/2) / sqrt(2 pi)
-//   gelu_tanh(x) = x (1 + tanh z) / 2 = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
 #include <immintrin.h>
 
-#include "gemm.h"
-#include "vec_avx2.h"
+#include "gemm_epilogue_avx2.h"
 
 namespace fastllm {
 namespace {
 
-inline __m256 splat(float v) { return _mm256_set1_ps(v); }
-
-inline __m256 sigmoid_ps(__m256 x) {
-  const __m256 e = exp2_ps(_mm256_mul_ps(x, splat(-1.4426950408889634f)));
-  return _mm256_div_ps(splat(1.f), _mm256_add_ps(splat(1.f), e));
-}
-
-// Phi(x); *gauss = exp(-x^2 / 2)
-inline __m256 phi_ps(__m256 x, __m256* gauss) {
-  const __m256 t = _mm256_mul_ps(x, splat(0.70710678118654752f));
-  const __m256 at = _mm256_andnot_ps(splat(-0.f), t);
-  const __m256 s = _mm256_mul_ps(t, t);
-  __m256 p = splat(7.933486079906981e-05f);
-  p = _mm256_fmadd_ps(p, s, splat(-0.0008034844004678138f));
-  p = _mm256_fmadd_ps(p, s, splat(0.005191218029399263f));
-  p = _mm256_fmadd_ps(p, s, splat(-0.026855399229439494f));
-  p = _mm256_fmadd_ps(p, s, splat(0.11283625718024475f));
-  p = _mm256_fmadd_ps(p, s, splat(-0.37612629876684467f));
-  p = _mm256_fmadd_ps(p, s, splat(1.1283791665927294f));
-  const __m256 small = _mm256_fmadd_ps(splat(0.5f), _mm256_mul_ps(t, p), splat(0.5f));
-  const __m256 e = exp2_ps(_mm256_mul_ps(s, splat(-1.4426950408889634f)));
-  const __m256 u = _mm256_div_ps(splat(1.f), at);
-  __m256 q = splat(-0.04841774490191934f);
-  q = _mm256_fmadd_ps(q, u, splat(0.23665880408724022f));
-  q = _mm256_fmadd_ps(q, u, splat(-0.4065380637271109f));
-  q = _mm256_fmadd_ps(q, u, splat(0.10438059870758402f));
-  q = _mm256_fmadd_ps(q, u, splat(0.6741221349515999f));
-  q = _mm256_fmadd_ps(q, u, splat(-1.1634845351732015f));
-  q = _mm256_fmadd_ps(q, u, splat(0.8207785523406063f));
-  q = _mm256_fmadd_ps(q, u, splat(-0.08133351588359679f));
-  q = _mm256_fmadd_ps(q, u, splat(-0.27211911066349487f));
-  q = _mm256_fmadd_ps(q, u, splat(-0.0006721213550964138f));
-  q = _mm256_fmadd_ps(q, u, splat(0.5642085640412493f));
-  const __m256 half_erfc = _mm256_mul_ps(splat(0.5f), _mm256_mul_ps(e, _mm256_mul_ps(q, u)));
-  const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
-  const __m256 large = _mm256_blendv_ps(half_erfc, _mm256_sub_ps(splat(1.f), half_erfc), pos);
-  *gauss = e;
-  return _mm256_blendv_ps(large, small, _mm256_cmp_ps(at, splat(1.f), _CMP_LE_OQ));
-}
-
-inline __m256 act_ps(int act, __m256 x) {
-  switch (act) {
-    case kActGelu: {
-      __m256 e;
-      return _mm256_mul_ps(x, phi_ps(x, &e));
-    }
-    case kActGeluTanh: {
-      const __m256 x2 = _mm256_mul_ps(x, x);
-      const __m256 z2 = _mm256_mul_ps(x, _mm256_fmadd_ps(splat(0.0713548162726f), x2, splat(1.5957691216057308f)));
-      return _mm256_mul_ps(x, sigmoid_ps(z2));
-    }
-    case kActQuickGelu: return _mm256_mul_ps(x, sigmoid_ps(_mm256_mul_ps(x, splat(1.702f))));
-    case kActRelu: return _mm256_max_ps(_mm256_setzero_ps(), x);  // NaN stays NaN (second operand)
-    case kActSilu: return _mm256_mul_ps(x, sigmoid_ps(x));
-    default: return x;
-  }
-}
-
-inline __m256 dact_ps(int act, __m256 x) {
-  const __m256 one = splat(1.f);
-  switch (act) {
-    case kActGelu: {
-      __m256 e;
-      const __m256 cdf = phi_ps(x, &e);
-      return _mm256_fmadd_ps(_mm256_mul_ps(x, e), splat(0.3989422804014327f), cdf);
-    }
-    case kActGeluTanh: {
-      const __m256 x2 = _mm256_mul_ps(x, x);
-      const __m256 z2 = _mm256_mul_ps(x, _mm256_fmadd_ps(splat(0.0713548162726f), x2, splat(1.5957691216057308f)));
-      const __m256 s = sigmoid_ps(z2);
-      const __m256 dz = _mm256_fmadd_ps(splat(0.2140644488178f), x2, splat(1.5957691216057308f));
-      return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_sub_ps(one, s)), dz, s);
-    }
-    case kActQuickGelu: {
-      const __m256 y = _mm256_mul_ps(x, splat(1.702f));
-      const __m256 s = sigmoid_ps(y);
-      return _mm256_fmadd_ps(_mm256_mul_ps(y, s), _mm256_sub_ps(one, s), s);
-    }
-    case kActRelu: return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ), one);
-    case kActSilu: {
-      const __m256 s = sigmoid_ps(x);
-      return _mm256_mul_ps(s, _mm256_fmadd_ps(x, _mm256_sub_ps(one, s), one));
-    }
-    default: return one;
-  }
-}
+constexpr int64_t kMR = 6;
 
 template <int R, bool BF>
 inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t ldc, bool load) {
@@ -180,64 +85,8 @@ inline void ukr_rows(int rows, int64_t kc, const float* a, const void* b, float*
   }
 }
 
-// The epilogue of 8 accumulator columns (acc) at output row m, output columns [n, n + 8).
-template <class S>
-inline void epi8(const Gemm& g, const float* acc, int64_t m, int64_t n) {
-  using T = typename S::T;
-  const __m256 v = _mm256_loadu_ps(acc);
-  switch (g.mode) {
-    case kEpiGated: {
-      __m256 gv = v, uv = _mm256_loadu_ps(acc + 8);
-      if (g.bias) gv = _mm256_add_ps(gv, load8<S>(static_cast<const T*>(g.bias) + n));
-      if (g.bias2) uv = _mm256_add_ps(uv, load8<S>(static_cast<const T*>(g.bias2) + n));
-      if (g.pre) {
-        store8<S>(static_cast<T*>(g.pre) + m * g.ld_pre + n, gv);
-        store8<S>(static_cast<T*>(g.pre2) + m * g.ld_pre + n, uv);
-      }
-      store8<S>(static_cast<T*>(g.c) + m * g.ldc + n, _mm256_mul_ps(act_ps(g.act, gv), uv));
-      return;
-    }
-    case kEpiDact: {
-      const __m256 x = load8<S>(static_cast<const T*>(g.aux) + m * g.ld_aux + n);
-      store8<S>(static_cast<T*>(g.c) + m * g.ldc + n, _mm256_mul_ps(v, dact_ps(g.act, x)));
-      return;
-    }
-    case kEpiDgated: {
-      const __m256 gv = load8<S>(static_cast<const T*>(g.aux) + m * g.ld_aux + n);
-      const __m256 uv = load8<S>(static_cast<const T*>(g.aux2) + m * g.ld_aux + n);
-      store8<S>(static_cast<T*>(g.c) + m * g.ldc + n, _mm256_mul_ps(_mm256_mul_ps(v, uv), dact_ps(g.act, gv)));
-      store8<S>(static_cast<T*>(g.c2) + m * g.ldc + n, _mm256_mul_ps(v, act_ps(g.act, gv)));
-      return;
-    }
-    default: {
-      if (g.accumulate) {
-        float* o = static_cast<float*>(g.c) + m * g.ldc + n;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
-        return;
-      }
-      __m256 pre = v;
-      if (g.bias) pre = _mm256_add_ps(pre, load8<S>(static_cast<const T*>(g.bias) + n));
-      if (g.pre) store8<S>(static_cast<T*>(g.pre) + m * g.ld_pre + n, pre);
-      __m256 y = act_ps(g.act, pre);
-      if (g.res) y = _mm256_add_ps(y, load8<S>(static_cast<const T*>(g.res) + m * g.ld_res + n));
-      store8<S>(static_cast<T*>(g.c) + m * g.ldc + n, y);
-    }
-  }
-}
-
-template <class S>
-inline void epilogue_t(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-  const int64_t w = panel_out_cols(g, p);
-  const int64_t n0 = p * (g.mode == kEpiGated ? 8 : kNR);
-  for (int r = 0; r < rows; ++r) {
-    const float* acc = tile + r * ldt;
-    int64_t j = 0;
-    for (; j + 8 <= w; j += 8) epi8<S>(g, acc + j, m + r, n0 + j);
-    if (j < w) epilogue_cols_scalar<S>(g, acc, m + r, p, j, w);
-  }
-}
-
 struct Avx2Ops {
+  static constexpr int64_t kMR = 6;
   static void ukr(int rows, int64_t kc, const float* a, const void* b, int b_dt, float* c, int64_t ldc, bool load) {
     if (b_dt == kBF16)
       ukr_rows<true>(rows, kc, a, b, c, ldc, load);

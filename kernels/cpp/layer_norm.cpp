@@ -185,7 +185,7 @@ void norm_fwd(const NormFwd& a) {
   advise_huge_pages(a.out, bytes);
   advise_huge_pages(a.h, bytes);
 #if defined(FASTLLM_HAVE_AVX2)
-  if (active_isa() == Isa::kAvx2) return norm_fwd_avx2(a);
+  if (active_isa() >= Isa::kAvx2) return norm_fwd_avx2(a);
 #endif
   norm_fwd_scalar(a);
 }
@@ -195,7 +195,7 @@ void norm_bwd(const NormBwd& a) {
   if (a.dx == nullptr || a.dy == nullptr || a.h == nullptr) throw std::invalid_argument("norm_bwd: missing pointer");
   advise_huge_pages(a.dx, a.M * a.N * (a.dtype == kF32 ? 4 : 2));
 #if defined(FASTLLM_HAVE_AVX2)
-  if (active_isa() == Isa::kAvx2) return norm_bwd_avx2(a);
+  if (active_isa() >= Isa::kAvx2) return norm_bwd_avx2(a);
 #endif
   norm_bwd_scalar(a);
 }

@@ -13,7 +13,7 @@ void stream_copy_avx2(float* dst, const float* src, int64_t n);
 // 128-byte aligned, nbytes a multiple of 128 per chunk, else memcpy), else with memcpy.
 void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream) {
 #if defined(FASTLLM_HAVE_AVX2)
-  stream = stream && active_isa() == Isa::kAvx2 && (reinterpret_cast<uintptr_t>(dst) & 127) == 0 &&
+  stream = stream && active_isa() >= Isa::kAvx2 && (reinterpret_cast<uintptr_t>(dst) & 127) == 0 &&
            (reinterpret_cast<uintptr_t>(src) & 127) == 0;
 #else
   stream = false;
