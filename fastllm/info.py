@@ -25,8 +25,8 @@ def _probes() -> dict:
             torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device),
         ),
         "linear": lambda x: fastllm.linear(x, x, activation="gelu"),
-        "fused_ffn": lambda x: fastllm.fused_ffn(x, x.t(), None, x, None),
-        "fused_gated_ffn": lambda x: fastllm.fused_gated_ffn(x, x.t(), x.t(), x),
+        "fused_ffn": lambda x: fastllm.fused_ffn(x, x, None, x.t(), None),
+        "fused_gated_ffn": lambda x: fastllm.fused_gated_ffn(x, x, x, x.t()),
     }
 
 
