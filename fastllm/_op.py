@@ -29,6 +29,7 @@ from fastllm import _backend, _ext
 class Kernel:
     run: Callable
     unsupported: Callable[..., str | None] = lambda *args: None
+    avx512: bool = False  # C++ kernels: whether there is an AVX-512 version (else AVX2 runs under isa avx512)
 
 
 @functools.cache
@@ -76,7 +77,10 @@ def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
     for name in order:
         why = _why_not(name, kernels.get(name), device, args)
         if why is None:
-            detail = f"{_ext.C.isa()} kernel" if name == "cpp" else ("interpreter" if device == "cpu" else "GPU kernel")
+            detail = "interpreter" if device == "cpu" else "GPU kernel"
+            if name == "cpp":
+                isa = _ext.C.isa()
+                detail = f"{'avx2' if isa == 'avx512' and not kernels[name].avx512 else isa} kernel"
             return name, kernels[name].run, detail
         reasons.append(f"{name}: {why}")
     return "reference", None, "; ".join(reasons) or f"no fast kernel for {device} tensors"
