@@ -137,6 +137,10 @@ def measure_ceilings(device: str) -> dict:
             iters, nt = 20_000_000, fastllm._ext.num_threads()
             t = _median_time(lambda: C.fma_loop(iters, nt, True), device, reps=3)
             peaks["AVX2 FMA loop"] = C.fma_loop(1, nt, True) * iters * nt / t / 1e12
+        if C is not None and C.avx512_available():
+            iters, nt = 10_000_000, fastllm._ext.num_threads()
+            t = _median_time(lambda: C.fma_loop_avx512(iters, nt), device, reps=3)
+            peaks["AVX-512 FMA loop"] = C.fma_loop_avx512(1, nt) * iters * nt / t / 1e12
     else:
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
         peaks["bf16 GEMM 8192^3 (cuBLAS)"] = 2 * 8192**3 / _median_time(lambda: a @ a, device, reps=10) / 1e12

@@ -26,6 +26,7 @@ bool avx2_path_available();
 bool avx512_path_available();
 void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream);
 double fma_loop(int64_t iters, int nthreads, bool avx2);
+double fma_loop_512(int64_t iters, int nthreads);
 }  // namespace fastllm
 
 namespace {
@@ -206,4 +207,9 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t iters, int nthreads, bool avx2) { return fma_loop(iters, nthreads < 1 ? 1 : nthreads, avx2); },
       py::arg("iters"), py::arg("nthreads"), py::arg("avx2"), py::call_guard<py::gil_scoped_release>(),
       "FMA loop (compute ceiling probe); returns flops per thread per iteration.");
+  m.def(
+      "fma_loop_avx512",
+      [](int64_t iters, int nthreads) { return fma_loop_512(iters, nthreads < 1 ? 1 : nthreads); },
+      py::arg("iters"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "AVX-512 FMA loop (compute ceiling on AVX-512 CPUs); returns flops per thread per iteration.");
 }

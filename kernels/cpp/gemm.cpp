@@ -41,8 +41,9 @@ void pack_all(const PackB& pb) {
 }
 
 struct ScalarOps {
-  static constexpr int64_t kMR = 6;
-  static void ukr(int rows, int64_t kc, const float* a, const void* b, int b_dt, float* c, int64_t ldc, bool load) {
+  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
+  static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
+                  bool load) {
     float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
     for (int64_t k = 0; k < kc; ++k) {
       if (k % kChunk == 0 && k > 0) {  // the same blocked summation as the AVX2 kernel

@@ -40,9 +40,8 @@ enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3
 enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3 };
 
 constexpr int64_t kNR = 16;
-constexpr int64_t kKC = 256;
-constexpr int64_t kMC = 96;
-constexpr int64_t kChunk = 32;  // k steps summed in registers before adding into C (blocked summation)
+constexpr int64_t kChunk = 32;
+constexpr int64_t kMC = 96, kKC = 256;  // default cache blocking (AVX2 / portable: 6-row tiles, 32 KiB L1)  // k steps summed in registers before adding into C (blocked summation)
 constexpr int64_t kMaxPanelsPerTask = 64;  // bounds the per-task fp32 buffer at kMC x 1024
 
 // bf16 panels: column c of a 16-wide row is stored at kBf16Perm[c] (see the glossary).
@@ -195,8 +194,9 @@ static inline int64_t panel_out_cols(const Gemm& g, int64_t p) {
 
 // ---------------------------------------------------------------------------------------------------
 // The blocked driver, shared by the portable and the AVX2 paths. Ops provides:
-//   kMR, the rows of a micro-tile
-//   ukr(R, kc, a_panel, b_panel, b_dt, c, ldc, load_c): c (R x 16 fp32) (+)= A_panel B_panel over kc steps
+//   kMR, kMC, kKC: rows of a micro-tile, cache blocking; kPanels: B panels per micro-kernel call (1 or 2)
+//   ukr(R, np, kc, a_panel, b_panel, b_pstride, b_dt, c, ldc, load_c): c (R x 16 np fp32) (+)= A_panel times
+//       np panels (the second at b_panel + b_pstride bytes) over kc steps
 //   epilogue(g, tile, ldt, m, rows, p): the epilogue of rows [m, m + rows) of panel p from the fp32 tile
 
 template <class S, int64_t MR>
@@ -222,12 +222,13 @@ static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
 
 template <class Ops>
 void gemm_impl(const Gemm& g) {
-  constexpr int64_t kMR = Ops::kMR;
+  constexpr int64_t kMR = Ops::kMR, kMC = Ops::kMC, kKC = Ops::kKC;
   const bool gated = g.mode == kEpiGated;
   const int64_t M = g.M, K = g.K, panels = num_panels(g.N, gated);
   const int nt = g.nthreads < 1 ? 1 : g.nthreads;
-  const int64_t mblocks = (M + kMC - 1) / kMC;
-  const int64_t mc = (M + mblocks - 1) / mblocks;
+  int64_t mblocks = (M + kMC - 1) / kMC;
+  const int64_t mc = ((M + mblocks - 1) / mblocks + kMR - 1) / kMR * kMR;  // balanced, whole micro-tiles
+  mblocks = (M + mc - 1) / mc;
   // split the columns too when there are few row blocks (decode), and to bound the per-task buffer
   int64_t nsplit = imax(1, imin(panels, (4 * nt + mblocks - 1) / mblocks));
   nsplit = imax(nsplit, (panels + kMaxPanelsPerTask - 1) / kMaxPanelsPerTask);
@@ -236,7 +237,7 @@ void gemm_impl(const Gemm& g) {
   const int64_t kblocks = K > 0 ? (K + kKC - 1) / kKC : 1;
   const int64_t kcmax = K > 0 ? round_up8((K + kblocks - 1) / kblocks) : 0;
   const int64_t mcp = (mc + kMR - 1) / kMR * kMR;
-  const int64_t ldt = ppt * kNR;
+  const int64_t ldt = ppt * kNR + kNR;  // +16: rows of the C buffer must not be 4 KiB apart (L1 set aliasing)
   const int64_t per_thread = mcp * kcmax + mcp * ldt + 64;
   float* scratch = alloc_floats(static_cast<size_t>(per_thread) * nt);
   const int64_t ntasks = mblocks * nsplit;
@@ -264,13 +265,15 @@ void gemm_impl(const Gemm& g) {
           case kF16: pack_a_block<F16s, kMR>(g, m0, mr, k0, kc, apack); break;
           default: pack_a_block<F32s, kMR>(g, m0, mr, k0, kc, apack); break;
         }
-        for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t p = p0; p < p1; p += Ops::kPanels) {
           const char* bp = static_cast<const char*>(g.b) + (p * K + k0) * kNR * bsz;
+          const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)
           float* ct = cbuf + (p - p0) * kNR;
           for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
             const int rows = static_cast<int>(imin(kMR, mr - r0));
-            Ops::ukr(rows, kc, apack + r0 * kc, bp, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
-            if (last) Ops::epilogue(g, ct + r0 * ldt, ldt, m0 + r0, rows, p);
+            Ops::ukr(rows, np, kc, apack + r0 * kc, bp, K * kNR * bsz, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
+            if (last)
+              for (int q = 0; q < np; ++q) Ops::epilogue(g, ct + r0 * ldt + q * kNR, ldt, m0 + r0, rows, p + q);
           }
         }
       }

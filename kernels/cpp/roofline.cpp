@@ -47,6 +47,25 @@ static float fma_loop_scalar(int64_t iters) {
   return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
 }
 
+#if defined(FASTLLM_HAVE_AVX512)
+float fma_loop_avx512(int64_t iters);
+#endif
+
+// The AVX-512 FMA loop (12 chains of 16 lanes) on nthreads threads; returns flops per thread per iteration,
+// 0 when this build has no AVX-512 code (the caller checks avx512_available() first).
+double fma_loop_512(int64_t iters, int nthreads) {
+#if defined(FASTLLM_HAVE_AVX512)
+  float sink = 0.f;
+#pragma omp parallel num_threads(nthreads) reduction(+ : sink)
+  sink += fma_loop_avx512(iters);
+  if (sink == 12345.f) return 0.0;
+  return 12.0 * 16 * 2;
+#else
+  (void)iters, (void)nthreads;
+  return 0.0;
+#endif
+}
+
 // Runs the FMA loop on nthreads threads; returns flops per thread per iteration (the caller times it).
 double fma_loop(int64_t iters, int nthreads, bool avx2) {
   float sink = 0.f;

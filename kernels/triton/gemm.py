@@ -428,9 +428,12 @@ def _gated_kernel(
 
 # Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, EPI_SPLIT), GROUP_M = 8, per architecture,
 # dot kind and kernel. Chosen from offline compiles (triton.compile for sm_80 / sm_90 with Triton's ptxas, registers
-# and spills read with cuobjdump) with the heaviest epilogues (linear with bias + gelu + residual + pre, dgated with
-# gelu, the gated kernel with both biases and g, u): every config listed compiles without spilling there. Not yet
-# timed on a GPU. Configs that do not fit a GPU's shared memory are skipped by the autotuner.
+# and spills read with cuobjdump) with the heaviest epilogues (linear with bias + act + residual + pre, dact and
+# dgated, for gelu / gelu_tanh / silu; the gated kernel with both biases and g, u): the configs listed compile
+# without spilling there, except the 128 x 256 tiles with the dact / dgated epilogues of gelu_tanh and silu
+# (16-400 bytes per thread, once per tile after the K loop; kept for the forward and plain GEMMs) and sm_90's
+# 128 x 128 / 4-warp tile with dgated (8-72 bytes). Not yet timed on a GPU. Configs that do not fit a GPU's shared
+# memory are skipped by the autotuner.
 #   EPI_SPLIT: the epilogue runs on 1, 2 or 4 column slices of the tile (_halves); unsplit, a 128 x 128 tile with
 #   the dgated epilogue spilled about 650 bytes per thread on sm_90 at 8 warps, 2.4 KiB at 4 warps.
 #   16-bit, sm_90 (wgmma: a warpgroup of 4 warps owns 64 rows of the accumulator; pointer loads pipelined with
@@ -450,14 +453,14 @@ _MMA_CONFIGS = {
                           (64, 64, 64, 4, 4, 1), (32, 64, 128, 4, 4, 1)],
     },
     80: {
-        "_gemm_kernel": [(128, 256, 32, 8, 3, 4), (128, 128, 32, 4, 4, 4), (128, 128, 64, 8, 3, 2),
-                         (64, 128, 32, 4, 4, 2), (128, 64, 32, 4, 4, 2), (32, 64, 64, 4, 4, 1)],
+        "_gemm_kernel": [(128, 256, 32, 8, 3, 4), (128, 128, 32, 8, 3, 4), (128, 128, 64, 8, 3, 4),
+                         (64, 128, 32, 4, 4, 4), (128, 64, 32, 8, 3, 2), (32, 64, 64, 4, 4, 1)],
         "_gated_kernel": [(128, 64, 32, 8, 3, 2), (64, 128, 32, 8, 3, 2), (128, 64, 32, 4, 4, 2),
                           (64, 128, 32, 4, 4, 4), (64, 64, 32, 4, 4, 1), (32, 64, 64, 4, 4, 1)],
     },
 }  # fmt: skip
 _FMA_CONFIGS = {
-    "_gemm_kernel": [(64, 64, 32, 4, 3, 1), (128, 64, 32, 8, 3, 1), (64, 128, 32, 8, 3, 2), (128, 128, 16, 8, 2, 2),
+    "_gemm_kernel": [(64, 64, 32, 4, 3, 1), (128, 64, 32, 8, 3, 1), (64, 128, 32, 8, 3, 2), (128, 128, 16, 8, 2, 4),
                      (32, 64, 32, 4, 3, 1)],
     "_gated_kernel": [(64, 64, 32, 8, 2, 1), (64, 64, 16, 4, 3, 2), (32, 64, 32, 4, 3, 1), (64, 32, 32, 4, 3, 1)],
 }  # fmt: skip
@@ -557,7 +560,7 @@ def linear(
     all of x's dtype (float32 / bfloat16 / float16) on one device; activation in ACTIVATIONS. y is a new contiguous
     (M, N) tensor of x's dtype, rounded once from fp32. pre (contiguous, x's dtype) is returned only when save_pre
     and activation != "none" (the backward's act'(pre)), else None. block: test hook forcing (BLOCK_M, BLOCK_N,
-    BLOCK_K), powers of two >= 16 (no autotuning).
+    BLOCK_K[, EPI_SPLIT]), powers of two >= 16 and a split of 1, 2 or 4 (no autotuning).
     """
     M, K = x.shape
     N = w.shape[0]
