@@ -374,3 +374,28 @@ def test_bad_inputs():
         fastllm.fused_ffn(x, w1, None, None, None)
     with pytest.raises(ValueError, match="2-D"):
         fastllm.linear(x, torch.randn(16))
+
+
+@pytest.mark.skipif(not L._op_triton_ready(), reason="needs triton with TRITON_INTERPRET=1 (or a GPU)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_backend_through_the_ops(dtype):
+    """The op layer's Triton path (interpreter on CPU tensors): forward and every gradient of both MLPs."""
+    with fastllm.backend("triton"), fastllm.explain() as log:
+        _check_all(
+            lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd, activation="gelu"),
+            lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, "gelu"),
+            [(7, 24), (40, 24), (40, 24), (17, 40)],
+            ["x", "wg", "wu", "wd"],
+            dtype,
+        )
+        _check_all(
+            lambda x, w1, b1, w2, b2, r: fastllm.linear(
+                fastllm.fused_ffn(x, w1, b1, w2, b2, activation="quick_gelu"), w2.t(), None, "silu", r
+            ),
+            lambda x, w1, b1, w2, b2, r: eager_linear(eager_ffn(x, w1, b1, w2, b2, "quick_gelu"), w2.t(), None,
+                                                      "silu", r),
+            [(5, 24), (33, 24), (33,), (24, 33), (24,), (5, 33)],
+            ["x", "w1", "b1", "w2", "b2", "r"],
+            dtype,
+        )  # fmt: skip
+    assert {d.backend for d in log} == {"triton"}

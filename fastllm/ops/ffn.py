@@ -420,6 +420,13 @@ def _matmul_triton(a, b, aux, aux2, mode, activation):
     return c, (c2 if c2 is not None else _empty(a))
 
 
+def _op_triton_ready() -> bool:
+    """Whether the Triton kernels can run here (tests): triton installed, and a GPU or the interpreter."""
+    from fastllm._op import triton_interpret, triton_missing
+
+    return triton_missing() is None and (torch.cuda.is_available() or triton_interpret())
+
+
 def _triton_unsupported(x, *args):
     if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} (the Triton GEMM takes float32, bfloat16, float16)"
