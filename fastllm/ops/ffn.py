@@ -320,7 +320,7 @@ def _gemm(a, pk: _Packed, out, *, mode="plain", act="none", out2=None, bias=None
         ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
         ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),
         ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype], accumulate=False,
-        nthreads=_ext.num_threads(M * N * K // 16),
+        nthreads=_ext.num_threads(max(M * N * K // 16, N * K // 4)),  # decode: the weight read is the work
     )  # fmt: skip
 
 
