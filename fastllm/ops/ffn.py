@@ -242,10 +242,10 @@ def _matmul_check(a, b, aux, aux2, mode, activation):
 
 
 class _Packed:
-    __slots__ = ("K", "N", "__weakref__", "buf", "code", "gated", "ptrs", "refs", "versions")
+    __slots__ = ("K", "N", "__weakref__", "buf", "code", "gated", "layout", "ptrs", "refs", "versions")
 
-    def __init__(self, buf, code, K, N, gated):
-        self.buf, self.code, self.K, self.N, self.gated = buf, code, K, N, gated
+    def __init__(self, buf, code, K, N, gated, layout):
+        self.buf, self.code, self.K, self.N, self.gated, self.layout = buf, code, K, N, gated, layout
 
 
 _cache: dict = {}
@@ -256,17 +256,23 @@ def clear_weight_cache() -> None:
     _cache.clear()
 
 
+def _layout(dtype: torch.dtype) -> int:
+    """1 (k-pairs, for the AVX512-BF16 kernel) for bf16 on a CPU and ISA setting that run it, else 0 (rows)."""
+    C = _ext.C
+    return int(dtype == torch.bfloat16 and C.isa() == "avx512" and C.avx512bf16_available())
+
+
 def _pack(src, src2, K, N, s_k, s_n) -> _Packed:
     code = _ext.DTYPE_CODES[src.dtype]
-    pcode = _ext.C.pack_dtype(code)
+    pcode, layout = _ext.C.pack_dtype(code), _layout(src.dtype)
     gated = src2 is not None
-    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated), dtype=torch.float32 if pcode == 0 else torch.bfloat16)
+    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated, layout), dtype=torch.float32 if pcode == 0 else torch.bfloat16)
     if buf.numel():
         _ext.C.pack_b(
             dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code,
-            nthreads=_ext.num_threads(K * N),
+            layout=layout, nthreads=_ext.num_threads(K * N),
         )  # fmt: skip
-    return _Packed(buf, pcode, K, N, gated)
+    return _Packed(buf, pcode, K, N, gated, layout)
 
 
 def _key(w):
@@ -281,7 +287,7 @@ def _packed_weight(w: torch.Tensor, w2: torch.Tensor | None = None) -> _Packed:
         versions = tuple(t._version for t in ws)
     except RuntimeError:  # inference tensors have no version counter: never cache them
         return _pack(w, w2, K, N, w.stride(1), w.stride(0))
-    key = tuple(_key(t) for t in ws)
+    key = (*(_key(t) for t in ws), _layout(w.dtype))
     hit = _cache.get(key)
     if hit is not None:
         alive = [r() for r in hit.refs]
@@ -315,8 +321,8 @@ def _gemm(a, pk: _Packed, out, *, mode="plain", act="none", out2=None, bias=None
     N = out.shape[1]
     _ext.C.gemm(
         M=M, N=N, K=K, a=a.data_ptr(), a_rs=a.stride(0), a_cs=a.stride(1), a_dt=_ext.DTYPE_CODES[a.dtype],
-        b=pk.buf.data_ptr(), b_dt=pk.code, mode=_MODE_CODE[mode], act=_ACT_CODE[act], c=out.data_ptr(),
-        ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
+        b=pk.buf.data_ptr(), b_dt=pk.code, b_layout=pk.layout, mode=_MODE_CODE[mode], act=_ACT_CODE[act],
+        c=out.data_ptr(), ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
         ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
         ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),
         ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype], accumulate=False,

@@ -24,6 +24,7 @@ bool has(const char* name) {
   if (n == "avx512vl") return __builtin_cpu_supports("avx512vl");
   if (n == "avx512dq") return __builtin_cpu_supports("avx512dq");
   if (n == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
+  if (n == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
 #else
   (void)name;
 #endif
@@ -87,5 +88,12 @@ std::string set_isa(const std::string& name) {
 bool cpu_has(const char* name) { return has(name); }
 bool avx2_path_available() { return avx2_usable(); }
 bool avx512_path_available() { return avx512_usable(); }
+bool avx512bf16_path_available() {
+#if defined(FASTLLM_HAVE_AVX512BF16)
+  return avx512_usable() && has("avx512bf16");
+#else
+  return false;
+#endif
+}
 
 }  // namespace fastllm

@@ -11,6 +11,10 @@ void gemm_avx2(const Gemm& g);
 #ifdef FASTLLM_HAVE_AVX512
 void gemm_avx512(const Gemm& g);
 #endif
+#ifdef FASTLLM_HAVE_AVX512BF16
+void gemm_avx512bf16(const Gemm& g);
+#endif
+bool avx512bf16_path_available();
 
 namespace {
 
@@ -19,6 +23,17 @@ void pack_panel(const PackB& pb, int64_t p) {
   const bool gated = pb.src2 != nullptr;
   const bool to_bf16 = pack_dtype(pb.src_dt) == kBF16;
   const int64_t K = pb.K;
+  if (pb.layout == kLayoutPairs) {  // bf16 only (checked): (k, c) at (k/2)*32 + 2c + k%2
+    const int64_t kp = panel_k(K, kLayoutPairs);
+    uint16_t* d = static_cast<uint16_t*>(pb.dst) + p * kp * kNR;
+    for (int c = 0; c < kNR; ++c) {
+      const void* src = gated && c >= 8 ? pb.src2 : pb.src;
+      const int64_t n = gated ? p * 8 + (c & 7) : p * kNR + c;
+      const auto* s = static_cast<const uint16_t*>(src) + n * pb.s_n;
+      for (int64_t k = 0; k < kp; ++k) d[(k / 2) * 32 + 2 * c + (k & 1)] = n < pb.N && k < K ? s[k * pb.s_k] : 0;
+    }
+    return;
+  }
   for (int c = 0; c < kNR; ++c) {
     const void* src = gated && c >= 8 ? pb.src2 : pb.src;
     const int64_t n = gated ? p * 8 + (c & 7) : p * kNR + c;
@@ -42,6 +57,7 @@ void pack_all(const PackB& pb) {
 
 struct ScalarOps {
   static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
+  static constexpr bool kPairs = false;
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
@@ -84,7 +100,8 @@ bool bad_dt(int dt) { return dt != kF32 && dt != kBF16 && dt != kF16; }
 }  // namespace
 
 void pack_b(const PackB& pb) {
-  if (pb.dst == nullptr || pb.src == nullptr || pb.K < 0 || pb.N < 0 || bad_dt(pb.src_dt))
+  if (pb.dst == nullptr || pb.src == nullptr || pb.K < 0 || pb.N < 0 || bad_dt(pb.src_dt) ||
+      (pb.layout != kLayoutRows && pb.layout != kLayoutPairs) || (pb.layout == kLayoutPairs && pb.src_dt != kBF16))
     throw std::invalid_argument("pack_b: bad arguments");
   switch (pb.src_dt) {
     case kBF16: return pack_all<BF16s>(pb);
@@ -104,6 +121,14 @@ void gemm(const Gemm& g) {
       (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)) || (g.accumulate && g.c_dt != kF32))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
   if (g.M == 0 || g.N == 0) return;
+  if (g.b_layout == kLayoutPairs) {  // packed for the AVX512-BF16 kernel only
+    if (g.a_dt != kBF16 || g.b_dt != kBF16) throw std::invalid_argument("gemm: the k-pair layout takes bf16 A and B");
+#ifdef FASTLLM_HAVE_AVX512BF16
+    if (active_isa() == Isa::kAvx512 && avx512bf16_path_available()) return gemm_avx512bf16(g);
+#endif
+    throw std::invalid_argument("gemm: B is packed for the AVX512-BF16 kernel, which this CPU or ISA setting lacks");
+  }
+  if (g.b_layout != kLayoutRows) throw std::invalid_argument("gemm: bad B layout");
 #ifdef FASTLLM_HAVE_AVX512
   if (active_isa() == Isa::kAvx512) return gemm_avx512(g);
 #endif

@@ -47,19 +47,28 @@ constexpr int64_t kMaxPanelsPerTask = 64;  // bounds the per-task fp32 buffer at
 // bf16 panels: column c of a 16-wide row is stored at kBf16Perm[c] (see the glossary).
 constexpr int kBf16Perm[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
 
+// Packed-B layouts. kLayoutRows: the panels above. kLayoutPairs (bf16 only, for the AVX512-BF16 kernel):
+// panel p holds ceil(K/2) rows of 16 column pairs, element (k, c) at p*K2*32 + (k/2)*32 + 2c + (k%2), zero
+// for k >= K, so one 64-byte row feeds vdpbf16ps (16 lanes, each the dot of a k-pair).
+enum Layout : int { kLayoutRows = 0, kLayoutPairs = 1 };
+
 struct PackB {
   void* dst;          // packed_b_elems() elements of dtype pack_dtype(src_dt)
   const void* src;    // B(k, n) = src[k * s_k + n * s_n]
   const void* src2;   // gated: the up projection (same shape and strides), else null
   int64_t K, N, s_k, s_n;
   int src_dt;
+  int layout;
   int nthreads;
 };
 
 static inline int pack_dtype(int src_dt) { return src_dt == kBF16 ? kBF16 : kF32; }
 static inline int64_t acc_cols(int64_t N, bool gated) { return gated ? 2 * round_up8(N) : N; }
 static inline int64_t num_panels(int64_t N, bool gated) { return (acc_cols(N, gated) + kNR - 1) / kNR; }
-static inline int64_t packed_b_elems(int64_t K, int64_t N, bool gated) { return num_panels(N, gated) * K * kNR; }
+static inline int64_t panel_k(int64_t K, int layout) { return layout == kLayoutPairs ? (K + 1) / 2 * 2 : K; }
+static inline int64_t packed_b_elems(int64_t K, int64_t N, bool gated, int layout) {
+  return num_panels(N, gated) * panel_k(K, layout) * kNR;
+}
 
 struct Gemm {
   int64_t M, N, K;
@@ -68,6 +77,7 @@ struct Gemm {
   int a_dt;
   const void* b;  // packed (PackB layout of dtype b_dt; gated layout iff mode == kEpiGated)
   int b_dt;
+  int b_layout;
   int mode, act;
   void* c;  // M x N, row stride ldc
   int64_t ldc;
@@ -220,6 +230,22 @@ static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
   }
 }
 
+// A as bf16 k-pairs for the AVX512-BF16 kernel: [kc/2][MR] 32-bit words (a[r][k], a[r][k+1]), zero padded.
+template <int64_t MR>
+static void pack_a_pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
+  const auto* a = static_cast<const uint16_t*>(g.a);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(dst_f);
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
+    uint16_t* d = dst + r0 * kc2 * 2;
+    const int64_t rows = imin(MR, mr - r0);
+    for (int64_t r = 0; r < MR; ++r) {
+      const uint16_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      for (int64_t k = 0; k < 2 * kc2; ++k) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? src[k * g.a_cs] : 0;
+    }
+  }
+}
+
 template <class Ops>
 void gemm_impl(const Gemm& g) {
   constexpr int64_t kMR = Ops::kMR, kMC = Ops::kMC, kKC = Ops::kKC;
@@ -260,18 +286,24 @@ void gemm_impl(const Gemm& g) {
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
         const bool last = kb + 1 == kblocks;
-        switch (g.a_dt) {
+        if constexpr (Ops::kPairs) {
+          pack_a_pairs<kMR>(g, m0, mr, k0, kc, apack);
+        } else {
+          switch (g.a_dt) {
           case kBF16: pack_a_block<BF16s, kMR>(g, m0, mr, k0, kc, apack); break;
           case kF16: pack_a_block<F16s, kMR>(g, m0, mr, k0, kc, apack); break;
           default: pack_a_block<F32s, kMR>(g, m0, mr, k0, kc, apack); break;
+          }
         }
+        const int64_t kp = panel_k(K, g.b_layout);     // k rows per packed panel
+        const int64_t a_panel = Ops::kPairs ? (kc + 1) / 2 : kc;  // floats (32-bit words) per A row step
         for (int64_t p = p0; p < p1; p += Ops::kPanels) {
-          const char* bp = static_cast<const char*>(g.b) + (p * K + k0) * kNR * bsz;
+          const char* bp = static_cast<const char*>(g.b) + (p * kp + k0) * kNR * bsz;
           const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)
           float* ct = cbuf + (p - p0) * kNR;
           for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
             const int rows = static_cast<int>(imin(kMR, mr - r0));
-            Ops::ukr(rows, np, kc, apack + r0 * kc, bp, K * kNR * bsz, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
+            Ops::ukr(rows, np, kc, apack + r0 * a_panel, bp, kp * kNR * bsz, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
             if (last)
               for (int q = 0; q < np; ++q) Ops::epilogue(g, ct + r0 * ldt + q * kNR, ldt, m0 + r0, rows, p + q);
           }

@@ -87,6 +87,7 @@ inline void ukr_rows(int rows, int64_t kc, const float* a, const void* b, float*
 
 struct Avx2Ops {
   static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
+  static constexpr bool kPairs = false;
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     if (b_dt == kBF16)

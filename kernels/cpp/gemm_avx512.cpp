@@ -113,6 +113,7 @@ inline void ukr12_rows(int rows, int64_t kc, const float* a, const void* b, int6
 struct Avx512Ops {
   // 12 x 32 register tile (two B panels), larger cache blocks than AVX2 (Zen 5: 48 KiB L1, 1 MiB L2)
   static constexpr int64_t kMR = kMR12, kMC = 144, kKC = 384, kPanels = 2;
+  static constexpr bool kPairs = false;
   static void ukr(int rows, int np, int64_t kc, const float* a, const void* b, int64_t bps, int b_dt, float* c,
                   int64_t ldc, bool load) {
     if (b_dt == kBF16) {
