@@ -399,3 +399,16 @@ def test_triton_backend_through_the_ops(dtype):
             dtype,
         )  # fmt: skip
     assert {d.backend for d in log} == {"triton"}
+
+
+@pytest.mark.parametrize("bf16_dot", [True, False], ids=["vdpbf16ps", "fma"])
+def test_bf16_kernels_of_the_avx512_path(gemm_isa, bf16_dot, monkeypatch):
+    """bf16 through each kernel an AVX-512 CPU can run (with and without AVX512-BF16), odd K, fwd + bwd."""
+    monkeypatch.setattr(L, "USE_BF16_DOT", bf16_dot)
+    _check_all(
+        lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd, activation="gelu_tanh"),
+        lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, "gelu_tanh"),
+        [(37, 101), (75, 101), (75, 101), (33, 75)],
+        ["x", "wg", "wu", "wd"],
+        torch.bfloat16,
+    )

@@ -256,10 +256,13 @@ def clear_weight_cache() -> None:
     _cache.clear()
 
 
+USE_BF16_DOT = True  # tests turn it off to run the AVX-512 fp32-FMA kernel on bf16 on a CPU with AVX512-BF16
+
+
 def _layout(dtype: torch.dtype) -> int:
     """1 (k-pairs, for the AVX512-BF16 kernel) for bf16 on a CPU and ISA setting that run it, else 0 (rows)."""
     C = _ext.C
-    return int(dtype == torch.bfloat16 and C.isa() == "avx512" and C.avx512bf16_available())
+    return int(dtype == torch.bfloat16 and USE_BF16_DOT and C.isa() == "avx512" and C.avx512bf16_available())
 
 
 def _pack(src, src2, K, N, s_k, s_n) -> _Packed:
