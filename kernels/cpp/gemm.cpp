@@ -18,33 +18,36 @@ bool avx512bf16_path_available();
 
 namespace {
 
+// One panel. The loop order follows the source: a weight read as B (s_k == 1, nn.Linear layout) is read along
+// k for each of the 16 columns; a row-major B (s_n == 1: activations, weights in the backward) is read 16
+// contiguous columns per k. (The other order strides through memory: it packed a row-major 9 MB B at ~4 GB/s.)
 template <class S>
 void pack_panel(const PackB& pb, int64_t p) {
   const bool gated = pb.src2 != nullptr;
+  const bool pairs = pb.layout == kLayoutPairs;  // bf16 only (checked): (k, c) at (k/2)*32 + 2c + k%2
   const bool to_bf16 = pack_dtype(pb.src_dt) == kBF16;
-  const int64_t K = pb.K;
-  if (pb.layout == kLayoutPairs) {  // bf16 only (checked): (k, c) at (k/2)*32 + 2c + k%2
-    const int64_t kp = panel_k(K, kLayoutPairs);
-    uint16_t* d = static_cast<uint16_t*>(pb.dst) + p * kp * kNR;
-    for (int c = 0; c < kNR; ++c) {
-      const void* src = gated && c >= 8 ? pb.src2 : pb.src;
-      const int64_t n = gated ? p * 8 + (c & 7) : p * kNR + c;
-      const auto* s = static_cast<const uint16_t*>(src) + n * pb.s_n;
-      for (int64_t k = 0; k < kp; ++k) d[(k / 2) * 32 + 2 * c + (k & 1)] = n < pb.N && k < K ? s[k * pb.s_k] : 0;
-    }
-    return;
-  }
+  const int64_t K = pb.K, kp = panel_k(K, pb.layout);
+  using T = typename S::T;
+  const T* col[kNR];
+  int64_t pos[kNR];
   for (int c = 0; c < kNR; ++c) {
-    const void* src = gated && c >= 8 ? pb.src2 : pb.src;
     const int64_t n = gated ? p * 8 + (c & 7) : p * kNR + c;
-    const auto* s = static_cast<const typename S::T*>(src) + n * pb.s_n;
-    if (to_bf16) {
-      uint16_t* d = static_cast<uint16_t*>(pb.dst) + p * K * kNR + kBf16Perm[c];
-      for (int64_t k = 0; k < K; ++k) d[k * kNR] = n < pb.N ? s[k * pb.s_k] : 0;
-    } else {
-      float* d = static_cast<float*>(pb.dst) + p * K * kNR + c;
-      for (int64_t k = 0; k < K; ++k) d[k * kNR] = n < pb.N ? S::load(s + k * pb.s_k) : 0.f;
-    }
+    col[c] = n < pb.N ? static_cast<const T*>(gated && c >= 8 ? pb.src2 : pb.src) + n * pb.s_n : nullptr;
+    pos[c] = pairs ? 2 * c : (to_bf16 ? kBf16Perm[c] : c);
+  }
+  auto put = [&](int64_t k, int c, const T* s) {  // element (k, c) from s (null: zero)
+    const int64_t at = pairs ? (k / 2) * 32 + pos[c] + (k & 1) : k * kNR + pos[c];
+    if (to_bf16)
+      static_cast<uint16_t*>(pb.dst)[p * kp * kNR + at] = s ? *reinterpret_cast<const uint16_t*>(s) : 0;
+    else
+      static_cast<float*>(pb.dst)[p * kp * kNR + at] = s ? S::load(s) : 0.f;
+  };
+  if (pb.s_k == 1 && pb.s_n != 1) {
+    for (int c = 0; c < kNR; ++c)
+      for (int64_t k = 0; k < kp; ++k) put(k, c, col[c] && k < K ? col[c] + k : nullptr);
+  } else {
+    for (int64_t k = 0; k < kp; ++k)
+      for (int c = 0; c < kNR; ++c) put(k, c, col[c] && k < K ? col[c] + k * pb.s_k : nullptr);
   }
 }
 

@@ -223,9 +223,14 @@ static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
       const typename S::T* src = a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs;
       if (g.a_cs == 1) {
         for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = S::to(src[k]);
-      } else {
+      } else if (g.a_rs != 1) {
         for (int64_t k = 0; k < kc; ++k) d[k * MR + r] = S::to(src[k * g.a_cs]);
       }
+    }
+    if (g.a_cs != 1 && g.a_rs == 1) {  // a transposed view (dy^T in the backward): the rows of step k adjacent
+      const typename S::T* src = a + (m0 + r0) + k0 * g.a_cs;
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t r = 0; r < rows; ++r) d[k * MR + r] = S::to(src[k * g.a_cs + r]);
     }
   }
 }
@@ -239,6 +244,12 @@ static void pack_a_pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
   for (int64_t r0 = 0; r0 < mr; r0 += MR) {
     uint16_t* d = dst + r0 * kc2 * 2;
     const int64_t rows = imin(MR, mr - r0);
+    if (g.a_cs != 1 && g.a_rs == 1) {  // a transposed view: the rows of step k adjacent
+      const uint16_t* src = a + (m0 + r0) + k0 * g.a_cs;
+      for (int64_t k = 0; k < 2 * kc2; ++k)
+        for (int64_t r = 0; r < MR; ++r) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = r < rows && k < kc ? src[k * g.a_cs + r] : 0;
+      continue;
+    }
     for (int64_t r = 0; r < MR; ++r) {
       const uint16_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
       for (int64_t k = 0; k < 2 * kc2; ++k) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? src[k * g.a_cs] : 0;
