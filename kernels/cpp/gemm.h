@@ -254,6 +254,17 @@ static void pack_a_pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
     }
     for (int64_t r = 0; r < MR; ++r) {
       const uint16_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      if (src != nullptr && g.a_cs == 1) {  // a row: whole k-pairs are 32-bit words
+        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
+        const int64_t full = kc / 2;
+        for (int64_t j = 0; j < full; ++j) {
+          uint32_t v;
+          std::memcpy(&v, src + 2 * j, 4);
+          d32[j * MR] = v;
+        }
+        if (kc & 1) d32[full * MR] = src[kc - 1];  // the odd last k pairs with a zero
+        continue;
+      }
       for (int64_t k = 0; k < 2 * kc2; ++k) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? src[k * g.a_cs] : 0;
     }
   }
