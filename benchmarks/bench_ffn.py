@@ -19,6 +19,7 @@ from harness import Case
 
 import fastllm
 from fastllm.ops.ffn import act_ref
+from fastllm.testing import saved_activation_bytes
 
 CPU_TOKENS = [512, 8, 1]
 
@@ -126,35 +127,18 @@ def bench_ffn(benchmark, harness, use_compile, p, impl):
     harness.run(benchmark, case, impl)
 
 
-def _saved_bytes(fn, *args):
-    inputs = {a.untyped_storage().data_ptr() for a in args}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        p = t.untyped_storage().data_ptr()
-        if p not in inputs and p not in seen:
-            seen.add(p)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def bench_saved_activation_memory(dtype):
     T, d, n_mid = 512, 576, 1536
     x = torch.randn(T, d, dtype=dtype, requires_grad=True)
     ws = [torch.randn(s, dtype=dtype, requires_grad=True) for s in ((n_mid, d), (n_mid, d), (d, n_mid))]
-    ours = _saved_bytes(ours_gated, x, *ws)
-    eager = _saved_bytes(eager_gated, x, *ws)
+    ours = saved_activation_bytes(ours_gated, x, *ws)
+    eager = saved_activation_bytes(eager_gated, x, *ws)
     w1, w2 = torch.randn(3072, 768, dtype=dtype), torch.randn(768, 3072, dtype=dtype)
     xb = torch.randn(512, 768, dtype=dtype, requires_grad=True)
     w1.requires_grad_(True), w2.requires_grad_(True)
-    ours_b = _saved_bytes(lambda x, a, b: fastllm.fused_ffn(x, a, None, b, None), xb, w1, w2)
-    eager_b = _saved_bytes(lambda x, a, b: F.linear(act_ref("gelu", F.linear(x, a)), b), xb, w1, w2)
+    ours_b = saved_activation_bytes(lambda x, a, b: fastllm.fused_ffn(x, a, None, b, None), xb, w1, w2)
+    eager_b = saved_activation_bytes(lambda x, a, b: F.linear(act_ref("gelu", F.linear(x, a)), b), xb, w1, w2)
     mib = 2**20
     print(
         f"\nsaved activations, {dtype}: gated T={T} {d}->{n_mid}: fastllm {ours / mib:.2f} MiB, eager "

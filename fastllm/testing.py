@@ -28,6 +28,26 @@ def floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return torch.finfo(dtype).eps * max(1.0, scale)
 
 
+def saved_activation_bytes(fn, *args) -> int:
+    """Bytes of the tensors autograd saves for the backward of fn(*args), beyond the tensors in args
+    (each storage counted once): the activation memory a training step keeps per call."""
+    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        p = t.untyped_storage().data_ptr()
+        if p not in inputs and p not in seen:
+            seen.add(p)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
 def assert_equivalent(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, name: str = "output") -> None:
     """Raise AssertionError, with the mismatch count and the first bad index, unless out meets the criterion."""
     if out.shape != ref.shape:

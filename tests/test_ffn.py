@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastllm
 import fastllm._ext
 from fastllm.ops import ffn as L
-from fastllm.testing import assert_equivalent
+from fastllm.testing import assert_equivalent, saved_activation_bytes
 
 ACTS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
@@ -243,36 +243,18 @@ def test_inference_tensor_weights():
         torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def _saved_bytes(fn, *args):
-    """Bytes of the tensors autograd keeps for the backward of fn(*args), beyond the inputs themselves."""
-    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        p = t.untyped_storage().data_ptr()
-        if p not in inputs and p not in seen:
-            seen.add(p)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
-
-
 def test_saved_activation_memory():
     T, d, n_mid = 128, 64, 256
     x = torch.randn(T, d, requires_grad=True)
     wg, wu, wd = (torch.randn(n_mid, d, requires_grad=True), torch.randn(n_mid, d, requires_grad=True),
                   torch.randn(d, n_mid, requires_grad=True))  # fmt: skip
-    ours = _saved_bytes(lambda *a: fastllm.fused_gated_ffn(*a), x, wg, wu, wd)
-    eager = _saved_bytes(lambda *a: eager_gated(*a, "silu"), x, wg, wu, wd)
+    ours = saved_activation_bytes(lambda *a: fastllm.fused_gated_ffn(*a), x, wg, wu, wd)
+    eager = saved_activation_bytes(lambda *a: eager_gated(*a, "silu"), x, wg, wu, wd)
     assert ours == 2 * T * n_mid * 4  # g and u only
     assert ours <= 0.7 * eager, (ours, eager)
     w1, w2 = torch.randn(n_mid, d, requires_grad=True), torch.randn(d, n_mid, requires_grad=True)
-    ours = _saved_bytes(lambda *a: fastllm.fused_ffn(*a, None, activation="gelu"), x, w1, None, w2)
-    eager = _saved_bytes(lambda x, w1, w2: eager_ffn(x, w1, None, w2, None, "gelu"), x, w1, w2)
+    ours = saved_activation_bytes(lambda *a: fastllm.fused_ffn(*a, None, activation="gelu"), x, w1, None, w2)
+    eager = saved_activation_bytes(lambda x, w1, w2: eager_ffn(x, w1, None, w2, None, "gelu"), x, w1, w2)
     assert ours == T * n_mid * 4 and ours <= 0.7 * eager, (ours, eager)
 
 

@@ -113,11 +113,7 @@ struct Avx512Bf16Ops {
     ukr_bf16_rows<1>(rows, kc, a, b, bps, c, ldc, load);
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-    switch (g.c_dt) {
-      case kBF16: return epilogue_t<BF16s>(g, tile, ldt, m, rows, p);
-      case kF16: return epilogue_t<F16s>(g, tile, ldt, m, rows, p);
-      default: return epilogue_t<F32s>(g, tile, ldt, m, rows, p);
-    }
+    epilogue_any(g, tile, ldt, m, rows, p);
   }
 };
 

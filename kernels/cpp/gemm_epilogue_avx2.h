@@ -163,5 +163,14 @@ inline void epilogue_t(const Gemm& g, const float* tile, int64_t ldt, int64_t m,
   }
 }
 
+// The Ops::epilogue of the AVX2 and AVX-512 paths: dispatch on the epilogue tensors' dtype.
+inline void epilogue_any(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+  switch (g.c_dt) {
+    case kBF16: return epilogue_t<BF16s>(g, tile, ldt, m, rows, p);
+    case kF16: return epilogue_t<F16s>(g, tile, ldt, m, rows, p);
+    default: return epilogue_t<F32s>(g, tile, ldt, m, rows, p);
+  }
+}
+
 }  // namespace
 }  // namespace fastllm
