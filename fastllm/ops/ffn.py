@@ -328,7 +328,7 @@ def _gemm(a, pk: _Packed, out, *, mode="plain", act="none", out2=None, bias=None
         c=out.data_ptr(), ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
         ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
         ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),
-        ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype], accumulate=False,
+        ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype],
         nthreads=_ext.num_threads(max(M * N * K // 16, N * K // 4)),  # decode: the weight read is the work
     )  # fmt: skip
 

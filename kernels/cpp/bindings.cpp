@@ -33,7 +33,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 4;
+constexpr int kAbi = 5;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -184,17 +184,17 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dt, uintptr_t b, int b_dt,
          int b_layout, int mode, int act, uintptr_t c, int64_t ldc, uintptr_t c2, uintptr_t bias, uintptr_t bias2, uintptr_t res,
          int64_t ld_res, uintptr_t pre, uintptr_t pre2, int64_t ld_pre, uintptr_t aux, uintptr_t aux2, int64_t ld_aux,
-         int c_dt, bool accumulate, int nthreads) {
+         int c_dt, int nthreads) {
         Gemm g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dt, ptr<const void>(b), b_dt, b_layout, mode, act, ptr<void>(c),
                ldc, ptr<void>(c2), ptr<const void>(bias), ptr<const void>(bias2), ptr<const void>(res), ld_res,
                ptr<void>(pre), ptr<void>(pre2), ld_pre, ptr<const void>(aux), ptr<const void>(aux2), ld_aux, c_dt,
-               accumulate, nthreads};
+               nthreads};
         gemm(g);
       },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("a"), py::arg("a_rs"), py::arg("a_cs"), py::arg("a_dt"),
       py::arg("b"), py::arg("b_dt"), py::arg("b_layout"), py::arg("mode"), py::arg("act"), py::arg("c"), py::arg("ldc"), py::arg("c2"),
       py::arg("bias"), py::arg("bias2"), py::arg("res"), py::arg("ld_res"), py::arg("pre"), py::arg("pre2"),
-      py::arg("ld_pre"), py::arg("aux"), py::arg("aux2"), py::arg("ld_aux"), py::arg("c_dt"), py::arg("accumulate"),
+      py::arg("ld_pre"), py::arg("aux"), py::arg("aux2"), py::arg("ld_aux"), py::arg("c_dt"),
       py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "C = A B with a fused epilogue (gemm.h); B packed by pack_b.");
 

@@ -121,7 +121,7 @@ void gemm(const Gemm& g) {
     throw std::invalid_argument("gemm: missing pointer");
   if ((g.mode == kEpiDact && g.aux == nullptr) ||
       (g.mode == kEpiDgated && (g.aux == nullptr || g.aux2 == nullptr || g.c2 == nullptr)) ||
-      (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)) || (g.accumulate && g.c_dt != kF32))
+      (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
   if (g.M == 0 || g.N == 0) return;
   if (g.b_layout == kLayoutPairs) {  // packed for the AVX512-BF16 kernel only

@@ -19,7 +19,7 @@
 //   task        (row block of <= kMC rows, range of B panels); OpenMP dynamic over tasks
 //
 // Epilogue (applied to each finished 6x16 tile while it is in L1; acc = the fp32 sum):
-//   plain    pre = acc + bias;  out = act(pre) + residual (out += acc when accumulate);  pre saved if asked
+//   plain    pre = acc + bias;  out = act(pre) + residual;  pre saved if asked
 //   gated    g = acc_g + bias, u = acc_u + bias2;  out = act(g) * u;  g, u saved if asked
 //   dact     out = acc * act'(aux)                         (aux = the forward's pre-activation)
 //   dgated   out = acc * aux2 * act'(aux), out2 = acc * act(aux)   (aux = g, aux2 = u: d g and d u)
@@ -95,7 +95,6 @@ struct Gemm {
   const void* aux2;
   int64_t ld_aux;
   int c_dt;
-  bool accumulate;  // plain mode, fp32 out, no bias/act/residual: out += acc
   int nthreads;
 };
 
@@ -182,11 +181,6 @@ static inline void epilogue_cols_scalar(const Gemm& g, const float* acc, int64_t
         break;
       }
       default: {
-        if (g.accumulate) {
-          float* o = static_cast<float*>(g.c) + m * g.ldc + n;
-          *o += v;
-          break;
-        }
         float pre = v;
         if (g.bias) pre += ld<S>(g.bias, n);
         if (g.pre) st<S>(g.pre, m * g.ld_pre + n, pre);

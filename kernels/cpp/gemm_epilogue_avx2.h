@@ -136,11 +136,6 @@ inline void epi8(const Gemm& g, const float* acc, int64_t m, int64_t n) {
       return;
     }
     default: {
-      if (g.accumulate) {
-        float* o = static_cast<float*>(g.c) + m * g.ldc + n;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
-        return;
-      }
       __m256 pre = v;
       if (g.bias) pre = _mm256_add_ps(pre, load8<S>(static_cast<const T*>(g.bias) + n));
       if (g.pre) store8<S>(static_cast<T*>(g.pre) + m * g.ld_pre + n, pre);
