@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fastllm
 import fastllm._ext
+from fastllm.ops import _pack
 from fastllm.ops import ffn as L
 from fastllm.testing import assert_equivalent, saved_activation_bytes
 
@@ -228,12 +229,12 @@ def test_weight_cache_sees_in_place_updates(gemm_isa):
 
 @pytest.mark.skipif(fastllm._ext.C is None, reason="the packed-weight cache belongs to the C++ path")
 def test_weight_cache_is_dropped_with_the_weight():
-    L.clear_weight_cache()
+    fastllm.clear_weight_cache()
     w = torch.randn(48, 64)
     fastllm.linear(torch.randn(2, 64), w)
-    assert len(L._cache) == 1
+    assert len(_pack._cache) == 1
     del w
-    assert len(L._cache) == 0
+    assert len(_pack._cache) == 0
 
 
 def test_inference_tensor_weights():

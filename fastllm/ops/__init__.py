@@ -1,7 +1,8 @@
 """fastllm ops: one module per op family, each registering torch ops in the fastllm:: namespace."""
 
+from fastllm.ops._pack import clear_weight_cache
 from fastllm.ops.attention import decode_attention, flash_attention, scaled_dot_product_attention
-from fastllm.ops.ffn import clear_weight_cache, fused_ffn, fused_gated_ffn, linear
+from fastllm.ops.ffn import fused_ffn, fused_gated_ffn, linear
 from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = [

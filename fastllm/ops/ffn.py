@@ -30,14 +30,14 @@ of `.data`); after such writes call `fastllm.clear_weight_cache()`. Weights that
 """
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from fastllm import _ext
 from fastllm._op import Kernel, define_op
-from fastllm.ops._common import FLOAT_DTYPES, KERNEL_DTYPES, as_rows, check_tensor, ptr
+from fastllm.ops import _pack
+from fastllm.ops._common import FLOAT_DTYPES, KERNEL_DTYPES, as_rows, check_tensor
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 _ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5}
@@ -241,96 +241,28 @@ def _matmul_check(a, b, aux, aux2, mode, activation):
 # C++: the packed-weight cache and the GEMM engine calls.
 
 
-class _Packed:
-    __slots__ = ("K", "N", "__weakref__", "buf", "code", "gated", "layout", "ptrs", "refs", "versions")
-
-    def __init__(self, buf, code, K, N, gated, layout):
-        self.buf, self.code, self.K, self.N, self.gated, self.layout = buf, code, K, N, gated, layout
-
-
-_cache: dict = {}
-
-
-def clear_weight_cache() -> None:
-    """Drop every cached packed weight (needed only after writes through `weight.data`, see the module doc)."""
-    _cache.clear()
-
-
 USE_BF16_DOT = True  # tests turn it off to run the AVX-512 fp32-FMA kernel on bf16 on a CPU with AVX512-BF16
 
 
 def _layout(dtype: torch.dtype) -> int:
-    """1 (k-pairs, for the AVX512-BF16 kernel) for bf16 on a CPU and ISA setting that run it, else 0 (rows)."""
+    """k-pairs (for the AVX512-BF16 kernel) for bf16 on a CPU and ISA setting that run it, else rows."""
     C = _ext.C
-    return int(dtype == torch.bfloat16 and USE_BF16_DOT and C.isa() == "avx512" and C.avx512bf16_available())
+    bf16_dot = dtype == torch.bfloat16 and USE_BF16_DOT and C.isa() == "avx512" and C.avx512bf16_available()
+    return _pack.PAIRS if bf16_dot else _pack.ROWS
 
 
-def _pack(src, src2, K, N, s_k, s_n) -> _Packed:
-    code = _ext.DTYPE_CODES[src.dtype]
-    pcode, layout = _ext.C.pack_dtype(code), _layout(src.dtype)
-    gated = src2 is not None
-    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated, layout), dtype=torch.float32 if pcode == 0 else torch.bfloat16)
-    if buf.numel():
-        _ext.C.pack_b(
-            dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code,
-            layout=layout, nthreads=_ext.num_threads(K * N),
-        )  # fmt: skip
-    return _Packed(buf, pcode, K, N, gated, layout)
+def _packed_weight(w: torch.Tensor, w2: torch.Tensor | None = None) -> _pack.Packed:
+    return _pack.cached_weight(w, w2, _layout(w.dtype))
 
 
-def _key(w):
-    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
+def _packed_matrix(b: torch.Tensor) -> _pack.Packed:
+    return _pack.pack_matrix(b, _layout(b.dtype))
 
 
-def _packed_weight(w: torch.Tensor, w2: torch.Tensor | None = None) -> _Packed:
-    """B(k, n) = w[n, k] (and the gated interleave with w2), packed; cached while the weights are unchanged."""
-    N, K = w.shape
-    ws = (w,) if w2 is None else (w, w2)
-    try:
-        versions = tuple(t._version for t in ws)
-    except RuntimeError:  # inference tensors have no version counter: never cache them
-        return _pack(w, w2, K, N, w.stride(1), w.stride(0))
-    key = (*(_key(t) for t in ws), _layout(w.dtype))
-    hit = _cache.get(key)
-    if hit is not None:
-        alive = [r() for r in hit.refs]
-        same = all(t is not None and t.data_ptr() == p for t, p in zip(alive, hit.ptrs, strict=True))
-        if same and hit.versions == versions:
-            return hit
-    packed = _pack(w, w2, K, N, w.stride(1), w.stride(0))
-
-    entry = weakref.ref(packed)
-
-    def _drop(_ref, key=key):
-        if _cache.get(key) is entry():
-            _cache.pop(key, None)
-
-    packed.refs = tuple(weakref.ref(t, _drop) for t in ws)
-    packed.versions = versions
-    packed.ptrs = tuple(t.data_ptr() for t in ws)
-    _cache[key] = packed
-    return packed
-
-
-def _packed_matrix(b: torch.Tensor) -> _Packed:
-    """B (K, N) as given (any strides), packed for one call."""
-    K, N = b.shape
-    return _pack(b, None, K, N, b.stride(0), b.stride(1))
-
-
-def _gemm(a, pk: _Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None, pre=None,
-          pre2=None, aux=None, aux2=None) -> None:  # fmt: skip
-    M, K = a.shape
-    N = out.shape[1]
-    _ext.C.gemm(
-        M=M, N=N, K=K, a=a.data_ptr(), a_rs=a.stride(0), a_cs=a.stride(1), a_dt=_ext.DTYPE_CODES[a.dtype],
-        b=pk.buf.data_ptr(), b_dt=pk.code, b_layout=pk.layout, mode=_MODE_CODE[mode], act=_ACT_CODE[act],
-        c=out.data_ptr(), ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
-        ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
-        ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),
-        ld_aux=aux.stride(0) if aux is not None else 0, c_dt=_ext.DTYPE_CODES[out.dtype],
-        nthreads=_ext.num_threads(max(M * N * K // 16, N * K // 4)),  # decode: the weight read is the work
-    )  # fmt: skip
+def _gemm(a, pk: _pack.Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None,
+          pre=None, pre2=None, aux=None, aux2=None) -> None:  # fmt: skip
+    _pack.gemm(a, pk, out, mode=_MODE_CODE[mode], act=_ACT_CODE[act], out2=out2, bias=bias, bias2=bias2, res=res,
+               pre=pre, pre2=pre2, aux=aux, aux2=aux2)  # fmt: skip
 
 
 def _rows(t):

@@ -25,6 +25,7 @@ bool cpu_has(const char* name);
 bool avx2_path_available();
 bool avx512_path_available();
 bool avx512bf16_path_available();
+bool avx512vnni_path_available();
 void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream);
 double fma_loop(int64_t iters, int nthreads, bool avx2);
 double fma_loop_512(int64_t iters, int nthreads);
@@ -33,7 +34,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 5;
+constexpr int kAbi = 6;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -80,6 +81,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", &set_isa, py::arg("name"), "Switch to 'auto', 'scalar', 'avx2' or 'avx512'; returns the previous path.");
   m.def("avx2_available", &avx2_path_available, "Whether this build and CPU can run the AVX2+FMA+F16C path.");
   m.def("avx512_available", &avx512_path_available, "Whether this build and CPU can run the AVX-512 GEMM path.");
+  m.def("avx512vnni_available", &avx512vnni_path_available,
+        "Whether the AVX-512 path can use vpdpbusd (W8A8 GEMMs with B packed in k-quads).");
   m.def("avx512bf16_available", &avx512bf16_path_available,
         "Whether the AVX-512 path can use vdpbf16ps (bf16 GEMMs with B packed in k-pairs).");
   m.def("cpu_features", [] {
@@ -169,12 +172,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "pack_b",
       [](uintptr_t dst, uintptr_t src, uintptr_t src2, int64_t K, int64_t N, int64_t s_k, int64_t s_n, int src_dt,
-         int layout, int nthreads) {
-        PackB p{ptr<void>(dst), ptr<const void>(src), ptr<const void>(src2), K, N, s_k, s_n, src_dt, layout, nthreads};
+         int layout, uintptr_t colsum, int nthreads) {
+        PackB p{ptr<void>(dst), ptr<const void>(src), ptr<const void>(src2), K, N, s_k, s_n, src_dt, layout,
+                ptr<int32_t>(colsum), nthreads};
         pack_b(p);
       },
       py::arg("dst"), py::arg("src"), py::arg("src2"), py::arg("K"), py::arg("N"), py::arg("s_k"), py::arg("s_n"),
-      py::arg("src_dt"), py::arg("layout"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("src_dt"), py::arg("layout"), py::arg("colsum"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "Pack B(k, n) = src[k*s_k + n*s_n] (K x N) into 16-column panels (gemm.h); src2: the gated layout.");
   m.def("packed_b_elems", &packed_b_elems, py::arg("K"), py::arg("N"), py::arg("gated"), py::arg("layout"));
   m.def("pack_dtype", &pack_dtype, py::arg("src_dt"));
@@ -184,17 +188,17 @@ PYBIND11_MODULE(_C, m) {
       [](int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dt, uintptr_t b, int b_dt,
          int b_layout, int mode, int act, uintptr_t c, int64_t ldc, uintptr_t c2, uintptr_t bias, uintptr_t bias2, uintptr_t res,
          int64_t ld_res, uintptr_t pre, uintptr_t pre2, int64_t ld_pre, uintptr_t aux, uintptr_t aux2, int64_t ld_aux,
-         int c_dt, int nthreads) {
+         int c_dt, uintptr_t a_scale, uintptr_t b_scale, uintptr_t b_colsum, int nthreads) {
         Gemm g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dt, ptr<const void>(b), b_dt, b_layout, mode, act, ptr<void>(c),
                ldc, ptr<void>(c2), ptr<const void>(bias), ptr<const void>(bias2), ptr<const void>(res), ld_res,
                ptr<void>(pre), ptr<void>(pre2), ld_pre, ptr<const void>(aux), ptr<const void>(aux2), ld_aux, c_dt,
-               nthreads};
+               ptr<const float>(a_scale), ptr<const float>(b_scale), ptr<const int32_t>(b_colsum), nthreads};
         gemm(g);
       },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("a"), py::arg("a_rs"), py::arg("a_cs"), py::arg("a_dt"),
       py::arg("b"), py::arg("b_dt"), py::arg("b_layout"), py::arg("mode"), py::arg("act"), py::arg("c"), py::arg("ldc"), py::arg("c2"),
       py::arg("bias"), py::arg("bias2"), py::arg("res"), py::arg("ld_res"), py::arg("pre"), py::arg("pre2"),
-      py::arg("ld_pre"), py::arg("aux"), py::arg("aux2"), py::arg("ld_aux"), py::arg("c_dt"),
+      py::arg("ld_pre"), py::arg("aux"), py::arg("aux2"), py::arg("ld_aux"), py::arg("c_dt"), py::arg("a_scale"), py::arg("b_scale"), py::arg("b_colsum"),
       py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "C = A B with a fused epilogue (gemm.h); B packed by pack_b.");
 

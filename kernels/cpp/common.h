@@ -15,7 +15,7 @@
 namespace fastllm {
 
 // Storage dtype codes, shared with fastllm/_ext.py (DTYPE_CODES).
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
 // Instruction-set paths; chosen once from the CPU's features (cpu_features.cpp), overridable for tests.
 // Ordered: a path runs the kernels of every lower path that has no version of its own (only the GEMM has an

@@ -88,6 +88,13 @@ std::string set_isa(const std::string& name) {
 bool cpu_has(const char* name) { return has(name); }
 bool avx2_path_available() { return avx2_usable(); }
 bool avx512_path_available() { return avx512_usable(); }
+bool avx512vnni_path_available() {
+#if defined(FASTLLM_HAVE_AVX512VNNI)
+  return avx512_usable() && has("avx512vnni");
+#else
+  return false;
+#endif
+}
 bool avx512bf16_path_available() {
 #if defined(FASTLLM_HAVE_AVX512BF16)
   return avx512_usable() && has("avx512bf16");

@@ -7,7 +7,12 @@ namespace fastllm {
 
 #ifdef FASTLLM_HAVE_AVX2
 void gemm_avx2(const Gemm& g);
+void gemm_avx2_i8(const Gemm& g);
 #endif
+#ifdef FASTLLM_HAVE_AVX512VNNI
+void gemm_avx512vnni(const Gemm& g);
+#endif
+bool avx512vnni_path_available();
 #ifdef FASTLLM_HAVE_AVX512
 void gemm_avx512(const Gemm& g);
 #endif
@@ -42,6 +47,24 @@ void pack_panel(const PackB& pb, int64_t p) {
     else
       static_cast<float*>(pb.dst)[p * kp * kNR + at] = s ? S::load(s) : 0.f;
   };
+  if (pb.layout == kLayoutI8Rows || pb.layout == kLayoutI16Pairs || pb.layout == kLayoutI8Quads) {
+    for (int c = 0; c < kNR; ++c) {
+      const int8_t* s = reinterpret_cast<const int8_t*>(col[c]);
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kp; ++k) {
+        const int8_t v = s && k < K ? s[k * pb.s_k] : 0;
+        sum += v;
+        if (pb.layout == kLayoutI8Rows)
+          static_cast<int8_t*>(pb.dst)[p * kp * kNR + k * kNR + c] = v;
+        else if (pb.layout == kLayoutI16Pairs)
+          static_cast<int16_t*>(pb.dst)[p * kp * kNR + (k / 2) * 32 + 2 * c + (k & 1)] = v;
+        else
+          static_cast<int8_t*>(pb.dst)[p * kp * kNR + (k / 4) * 64 + 4 * c + (k & 3)] = v;
+      }
+      if (pb.colsum != nullptr) pb.colsum[p * kNR + c] = sum;
+    }
+    return;
+  }
   if (pb.s_k == 1 && pb.s_n != 1) {
     for (int c = 0; c < kNR; ++c)
       for (int64_t k = 0; k < kp; ++k) put(k, c, col[c] && k < K ? col[c] + k : nullptr);
@@ -52,6 +75,15 @@ void pack_panel(const PackB& pb, int64_t p) {
 }
 
 template <class S>
+void pack_all(const PackB& pb);
+
+struct I8s {  // int8 storage, for pack_panel's column pointers (load is unused for int8 layouts)
+  using T = int8_t;
+  static constexpr int kCode = kI8;
+  static float load(const int8_t* p) { return *p; }
+};
+
+template <class S>
 void pack_all(const PackB& pb) {
   const int64_t panels = num_panels(pb.N, pb.src2 != nullptr);
 #pragma omp parallel for schedule(static) num_threads(pb.nthreads < 1 ? 1 : pb.nthreads)
@@ -60,7 +92,10 @@ void pack_all(const PackB& pb) {
 
 struct ScalarOps {
   static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
-  static constexpr bool kPairs = false;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_float<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return kc; }
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
@@ -73,6 +108,9 @@ struct ScalarOps {
       if (b_dt == kBF16) {
         const uint16_t* bk = static_cast<const uint16_t*>(b) + k * kNR;
         for (int j = 0; j < kNR; ++j) bv[j] = bf16_to_f32(bk[kBf16Perm[j]]);
+      } else if (b_dt == kI8) {  // W8A16: int8 rows
+        const int8_t* bk = static_cast<const int8_t*>(b) + k * kNR;
+        for (int j = 0; j < kNR; ++j) bv[j] = static_cast<float>(bk[j]);
       } else {
         const float* bk = static_cast<const float*>(b) + k * kNR;
         for (int j = 0; j < kNR; ++j) bv[j] = bk[j];
@@ -98,14 +136,43 @@ struct ScalarOps {
   }
 };
 
+// W8A8, portable: int16 k-pairs of A and B (kLayoutI16Pairs), exact int32 sums.
+struct ScalarI8Ops {
+  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = 512, kPanels = 1;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_i16pairs<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return (kc + 1) / 2; }
+  static void ukr(int rows, int, int64_t kc, const float* af, const void* b, int64_t, int, float* cf, int64_t ldc,
+                  bool load) {
+    const int16_t* a = reinterpret_cast<const int16_t*>(af);
+    const int16_t* bb = static_cast<const int16_t*>(b);
+    int32_t acc[kMR][kNR] = {};
+    for (int64_t j = 0; j < (kc + 1) / 2; ++j)
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < kNR; ++c)
+          acc[r][c] += a[(j * kMR + r) * 2] * bb[j * 32 + 2 * c] + a[(j * kMR + r) * 2 + 1] * bb[j * 32 + 2 * c + 1];
+    int32_t* c = reinterpret_cast<int32_t*>(cf);
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < kNR; ++j) c[r * ldc + j] = load ? c[r * ldc + j] + acc[r][j] : acc[r][j];
+  }
+  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+    ScalarOps::epilogue(g, tile, ldt, m, rows, p);
+  }
+};
+
 bool bad_dt(int dt) { return dt != kF32 && dt != kBF16 && dt != kF16; }
 
 }  // namespace
 
 void pack_b(const PackB& pb) {
-  if (pb.dst == nullptr || pb.src == nullptr || pb.K < 0 || pb.N < 0 || bad_dt(pb.src_dt) ||
-      (pb.layout != kLayoutRows && pb.layout != kLayoutPairs) || (pb.layout == kLayoutPairs && pb.src_dt != kBF16))
+  const bool int8_layout = pb.layout == kLayoutI8Rows || pb.layout == kLayoutI16Pairs || pb.layout == kLayoutI8Quads;
+  if (pb.dst == nullptr || pb.src == nullptr || pb.K < 0 || pb.N < 0 || (bad_dt(pb.src_dt) && pb.src_dt != kI8) ||
+      pb.layout < kLayoutRows || pb.layout > kLayoutI8Quads || (pb.layout == kLayoutPairs && pb.src_dt != kBF16) ||
+      int8_layout != (pb.src_dt == kI8) || (pb.layout == kLayoutI8Quads && pb.colsum == nullptr) ||
+      (int8_layout && pb.src2 != nullptr))
     throw std::invalid_argument("pack_b: bad arguments");
+  if (pb.src_dt == kI8) return pack_all<I8s>(pb);
   switch (pb.src_dt) {
     case kBF16: return pack_all<BF16s>(pb);
     case kF16: return pack_all<F16s>(pb);
@@ -114,9 +181,18 @@ void pack_b(const PackB& pb) {
 }
 
 void gemm(const Gemm& g) {
-  if (g.M < 0 || g.N < 0 || g.K < 0 || bad_dt(g.a_dt) || bad_dt(g.c_dt) || g.b_dt != pack_dtype(g.b_dt) ||
-      g.mode < kEpiPlain || g.mode > kEpiDgated || g.act < kActNone || g.act > kActSilu)
+  const bool w8a8 = g.mode == kEpiInt8, w8a16 = g.mode == kEpiScale;
+  if (g.M < 0 || g.N < 0 || g.K < 0 || (w8a8 ? g.a_dt != kI8 : bad_dt(g.a_dt)) || bad_dt(g.c_dt) ||
+      g.b_dt != pack_dtype(g.b_dt) || g.mode < kEpiPlain || g.mode > kEpiScale || g.act < kActNone ||
+      g.act > kActSilu)
     throw std::invalid_argument("gemm: bad arguments");
+  if ((w8a8 || w8a16) &&
+      (g.b_dt != kI8 || g.b_scale == nullptr || (w8a8 && g.a_scale == nullptr) ||
+       (w8a16 && g.b_layout != kLayoutI8Rows) ||
+       (w8a8 && g.b_layout != kLayoutI16Pairs && g.b_layout != kLayoutI8Quads) ||
+       ((g.b_layout == kLayoutI8Quads) != (g.b_colsum != nullptr))))
+    throw std::invalid_argument("gemm: inconsistent int8 arguments");
+  if (!w8a8 && !w8a16 && g.b_dt == kI8) throw std::invalid_argument("gemm: int8 B needs an int8 epilogue");
   if (g.c == nullptr || (g.K > 0 && (g.a == nullptr || g.b == nullptr)))
     throw std::invalid_argument("gemm: missing pointer");
   if ((g.mode == kEpiDact && g.aux == nullptr) ||
@@ -124,6 +200,18 @@ void gemm(const Gemm& g) {
       (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
   if (g.M == 0 || g.N == 0) return;
+  if (w8a8) {
+    if (g.b_layout == kLayoutI8Quads) {
+#ifdef FASTLLM_HAVE_AVX512VNNI
+      if (active_isa() == Isa::kAvx512 && avx512vnni_path_available()) return gemm_avx512vnni(g);
+#endif
+      throw std::invalid_argument("gemm: B is packed for the AVX512-VNNI kernel, which this CPU or ISA setting lacks");
+    }
+#ifdef FASTLLM_HAVE_AVX2
+    if (active_isa() >= Isa::kAvx2) return gemm_avx2_i8(g);
+#endif
+    return gemm_impl<ScalarI8Ops>(g);
+  }
   if (g.b_layout == kLayoutPairs) {  // packed for the AVX512-BF16 kernel only
     if (g.a_dt != kBF16 || g.b_dt != kBF16) throw std::invalid_argument("gemm: the k-pair layout takes bf16 A and B");
 #ifdef FASTLLM_HAVE_AVX512BF16
@@ -131,7 +219,8 @@ void gemm(const Gemm& g) {
 #endif
     throw std::invalid_argument("gemm: B is packed for the AVX512-BF16 kernel, which this CPU or ISA setting lacks");
   }
-  if (g.b_layout != kLayoutRows) throw std::invalid_argument("gemm: bad B layout");
+  if (g.b_layout != kLayoutRows && !(w8a16 && g.b_layout == kLayoutI8Rows))
+    throw std::invalid_argument("gemm: bad B layout");
 #ifdef FASTLLM_HAVE_AVX512
   if (active_isa() == Isa::kAvx512) return gemm_avx512(g);
 #endif

@@ -23,6 +23,9 @@
 //   gated    g = acc_g + bias, u = acc_u + bias2;  out = act(g) * u;  g, u saved if asked
 //   dact     out = acc * act'(aux)                         (aux = the forward's pre-activation)
 //   dgated   out = acc * aux2 * act'(aux), out2 = acc * act(aux)   (aux = g, aux2 = u: d g and d u)
+//   int8     acc is the exact int32 sum (minus 128 * colsum for the VNNI kernel's u8 offset);
+//            out = (float(acc) * a_scale[m]) * b_scale[n] + bias                      (W8A8)
+//   scale    out = acc * b_scale[n] + bias                                           (W8A16)
 // Every epilogue tensor (bias, residual, pre, aux, out, out2) has dtype c_dt and unit column stride.
 #pragma once
 
@@ -37,7 +40,7 @@
 namespace fastllm {
 
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActRelu = 4, kActSilu = 5 };
-enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3 };
+enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3, kEpiInt8 = 4, kEpiScale = 5 };
 
 constexpr int64_t kNR = 16;
 constexpr int64_t kChunk = 32;  // k steps summed in registers before adding into C (blocked summation)
@@ -52,7 +55,11 @@ constexpr int kBf16Perm[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14,
 // Packed-B layouts. kLayoutRows: the panels above. kLayoutPairs (bf16 only, for the AVX512-BF16 kernel):
 // panel p holds ceil(K/2) rows of 16 column pairs, element (k, c) at p*K2*32 + (k/2)*32 + 2c + (k%2), zero
 // for k >= K, so one 64-byte row feeds vdpbf16ps (16 lanes, each the dot of a k-pair).
-enum Layout : int { kLayoutRows = 0, kLayoutPairs = 1 };
+// int8 weights (src dtype kI8): kLayoutI8Rows (as kLayoutRows, 1 byte per element: the W8A16 kernels widen
+// them to fp32), kLayoutI16Pairs (as kLayoutPairs with the values sign-extended to int16: the AVX2 / portable
+// W8A8 kernels, vpmaddwd), kLayoutI8Quads (ceil(K/4) rows of 16 column quads, (k, c) at (k/4)*64 + 4c + k%4:
+// the AVX512-VNNI W8A8 kernel, vpdpbusd; pack_b also writes each column's sum for its u8 offset correction).
+enum Layout : int { kLayoutRows = 0, kLayoutPairs = 1, kLayoutI8Rows = 2, kLayoutI16Pairs = 3, kLayoutI8Quads = 4 };
 
 struct PackB {
   void* dst;          // packed_b_elems() elements of dtype pack_dtype(src_dt)
@@ -61,13 +68,23 @@ struct PackB {
   int64_t K, N, s_k, s_n;
   int src_dt;
   int layout;
+  int32_t* colsum;  // kLayoutI8Quads: per packed column, sum over k of B (num_panels * 16 int32), else null
   int nthreads;
 };
 
-static inline int pack_dtype(int src_dt) { return src_dt == kBF16 ? kBF16 : kF32; }
+static inline int pack_dtype(int src_dt) { return src_dt == kBF16 || src_dt == kI8 ? src_dt : kF32; }
 static inline int64_t acc_cols(int64_t N, bool gated) { return gated ? 2 * round_up8(N) : N; }
 static inline int64_t num_panels(int64_t N, bool gated) { return (acc_cols(N, gated) + kNR - 1) / kNR; }
-static inline int64_t panel_k(int64_t K, int layout) { return layout == kLayoutPairs ? (K + 1) / 2 * 2 : K; }
+static inline int64_t panel_k(int64_t K, int layout) {
+  if (layout == kLayoutPairs || layout == kLayoutI16Pairs) return (K + 1) / 2 * 2;
+  return layout == kLayoutI8Quads ? (K + 3) / 4 * 4 : K;
+}
+// Bytes per packed element: fp32 4; bf16, int16 2; int8 1.
+static inline int64_t packed_elem_bytes(int b_dt, int layout) {
+  if (layout == kLayoutI8Rows || layout == kLayoutI8Quads) return 1;
+  if (layout == kLayoutI16Pairs) return 2;
+  return b_dt == kF32 ? 4 : 2;
+}
 static inline int64_t packed_b_elems(int64_t K, int64_t N, bool gated, int layout) {
   return num_panels(N, gated) * panel_k(K, layout) * kNR;
 }
@@ -95,6 +112,9 @@ struct Gemm {
   const void* aux2;
   int64_t ld_aux;
   int c_dt;
+  const float* a_scale;     // int8: per row of A
+  const float* b_scale;     // int8, scale: per column
+  const int32_t* b_colsum;  // int8 with kLayoutI8Quads: per column
   int nthreads;
 };
 
@@ -156,6 +176,24 @@ static inline void st(void* p, int64_t i, float v) {
 template <class S>
 static inline void epilogue_cols_scalar(const Gemm& g, const float* acc, int64_t m, int64_t p, int64_t c0,
                                         int64_t c1) {
+  if (g.mode == kEpiInt8 || g.mode == kEpiScale) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const int64_t n = p * kNR + j;
+      float v;
+      if (g.mode == kEpiInt8) {
+        int32_t iv;
+        std::memcpy(&iv, acc + j, 4);  // the tile holds int32 sums
+        if (g.b_colsum) iv -= 128 * g.b_colsum[n];
+        v = static_cast<float>(iv) * g.a_scale[m];
+        v = v * g.b_scale[n];
+      } else {
+        v = acc[j] * g.b_scale[n];
+      }
+      if (g.bias) v += ld<S>(g.bias, n);
+      st<S>(g.c, m * g.ldc + n, v);
+    }
+    return;
+  }
   if (g.mode == kEpiGated) {
     for (int64_t j = c0; j < c1; ++j) {
       const int64_t n = p * 8 + j;
@@ -264,6 +302,51 @@ static void pack_a_pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
   }
 }
 
+template <int64_t MR>
+static void pack_a_float(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst) {
+  switch (g.a_dt) {
+    case kBF16: return pack_a_block<BF16s, MR>(g, m0, mr, k0, kc, dst);
+    case kF16: return pack_a_block<F16s, MR>(g, m0, mr, k0, kc, dst);
+    default: return pack_a_block<F32s, MR>(g, m0, mr, k0, kc, dst);
+  }
+}
+
+// int8 A as int16 k-pairs [kc/2][MR] (32-bit words of two sign-extended values), zero padded.
+template <int64_t MR>
+static void pack_a_i16pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
+  const auto* a = static_cast<const int8_t*>(g.a);
+  int16_t* dst = reinterpret_cast<int16_t*>(dst_f);
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
+    int16_t* d = dst + r0 * kc2 * 2;
+    const int64_t rows = imin(MR, mr - r0);
+    for (int64_t r = 0; r < MR; ++r) {
+      const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      for (int64_t k = 0; k < 2 * kc2; ++k)
+        d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? static_cast<int16_t>(src[k * g.a_cs]) : 0;
+    }
+  }
+}
+
+// int8 A as u8 k-quads [kc/4][MR] (a + 128 in each byte, the VNNI kernel's unsigned operand); padding k are
+// 128 (times B's zero padding: nothing).
+template <int64_t MR>
+static void pack_a_u8quads(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
+  const auto* a = static_cast<const int8_t*>(g.a);
+  uint8_t* dst = reinterpret_cast<uint8_t*>(dst_f);
+  const int64_t kc4 = (kc + 3) / 4;
+  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
+    uint8_t* d = dst + r0 * kc4 * 4;
+    const int64_t rows = imin(MR, mr - r0);
+    for (int64_t r = 0; r < MR; ++r) {
+      const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      for (int64_t k = 0; k < 4 * kc4; ++k)
+        d[(k / 4) * MR * 4 + r * 4 + (k & 3)] =
+            static_cast<uint8_t>((src && k < kc ? static_cast<int>(src[k * g.a_cs]) : 0) + 128);
+    }
+  }
+}
+
 template <class Ops>
 void gemm_impl(const Gemm& g) {
   constexpr int64_t kMR = Ops::kMR, kMC = Ops::kMC, kKC = Ops::kKC;
@@ -285,7 +368,7 @@ void gemm_impl(const Gemm& g) {
   const int64_t per_thread = mcp * kcmax + mcp * ldt + 64;
   float* scratch = alloc_floats(static_cast<size_t>(per_thread) * nt);
   const int64_t ntasks = mblocks * nsplit;
-  const int64_t bsz = g.b_dt == kF32 ? 4 : 2;
+  const int64_t bsz = packed_elem_bytes(g.b_dt, g.b_layout);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -304,17 +387,9 @@ void gemm_impl(const Gemm& g) {
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
         const bool last = kb + 1 == kblocks;
-        if constexpr (Ops::kPairs) {
-          pack_a_pairs<kMR>(g, m0, mr, k0, kc, apack);
-        } else {
-          switch (g.a_dt) {
-          case kBF16: pack_a_block<BF16s, kMR>(g, m0, mr, k0, kc, apack); break;
-          case kF16: pack_a_block<F16s, kMR>(g, m0, mr, k0, kc, apack); break;
-          default: pack_a_block<F32s, kMR>(g, m0, mr, k0, kc, apack); break;
-          }
-        }
-        const int64_t kp = panel_k(K, g.b_layout);     // k rows per packed panel
-        const int64_t a_panel = Ops::kPairs ? (kc + 1) / 2 : kc;  // floats (32-bit words) per A row step
+        Ops::pack_a(g, m0, mr, k0, kc, apack);
+        const int64_t kp = panel_k(K, g.b_layout);  // k rows per packed panel
+        const int64_t a_panel = Ops::a_words(kc);    // 32-bit words per packed A row (fp32: kc; pairs: kc/2 ...)
         for (int64_t p = p0; p < p1; p += Ops::kPanels) {
           const char* bp = static_cast<const char*>(g.b) + (p * kp + k0) * kNR * bsz;
           const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)

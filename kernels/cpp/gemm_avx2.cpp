@@ -13,10 +13,11 @@ namespace {
 
 constexpr int64_t kMR = 6;
 
-template <int R, bool BF>
+template <int R, int BK>  // BK: 0 fp32 panel, 1 bf16 panel (kBf16Perm order), 2 int8 panel (W8A16)
 inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t ldc, bool load) {
   const float* bf = static_cast<const float*>(bv);
   const uint16_t* bh = static_cast<const uint16_t*>(bv);
+  const int8_t* bq = static_cast<const int8_t*>(bv);
   const __m256i zero = _mm256_setzero_si256();
   // K in chunks of kChunk steps, each summed from zero in the registers and then added to C (blocked
   // summation, see gemm.h); the adds run on Zen's FP-add pipes beside the FMAs.
@@ -33,11 +34,16 @@ inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t 
 #pragma GCC unroll 4
     for (int64_t k = k0; k < k1; ++k) {
       __m256 b0, b1;
-      if constexpr (BF) {
+      if constexpr (BK == 1) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bh));
         b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
         b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
         bh += kNR;
+      } else if constexpr (BK == 2) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq));
+        b0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        b1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+        bq += kNR;
       } else {
         b0 = _mm256_loadu_ps(bf);
         b1 = _mm256_loadu_ps(bf + 8);
@@ -73,27 +79,103 @@ inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t 
   }
 }
 
-template <bool BF>
+template <int BK>
 inline void ukr_rows(int rows, int64_t kc, const float* a, const void* b, float* c, int64_t ldc, bool load) {
   switch (rows) {
-    case 1: return ukr_t<1, BF>(kc, a, b, c, ldc, load);
-    case 2: return ukr_t<2, BF>(kc, a, b, c, ldc, load);
-    case 3: return ukr_t<3, BF>(kc, a, b, c, ldc, load);
-    case 4: return ukr_t<4, BF>(kc, a, b, c, ldc, load);
-    case 5: return ukr_t<5, BF>(kc, a, b, c, ldc, load);
-    default: return ukr_t<6, BF>(kc, a, b, c, ldc, load);
+    case 1: return ukr_t<1, BK>(kc, a, b, c, ldc, load);
+    case 2: return ukr_t<2, BK>(kc, a, b, c, ldc, load);
+    case 3: return ukr_t<3, BK>(kc, a, b, c, ldc, load);
+    case 4: return ukr_t<4, BK>(kc, a, b, c, ldc, load);
+    case 5: return ukr_t<5, BK>(kc, a, b, c, ldc, load);
+    default: return ukr_t<6, BK>(kc, a, b, c, ldc, load);
   }
 }
 
 struct Avx2Ops {
   static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
-  static constexpr bool kPairs = false;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_float<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return kc; }
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     if (b_dt == kBF16)
-      ukr_rows<true>(rows, kc, a, b, c, ldc, load);
+      ukr_rows<1>(rows, kc, a, b, c, ldc, load);
+    else if (b_dt == kI8)
+      ukr_rows<2>(rows, kc, a, b, c, ldc, load);
     else
-      ukr_rows<false>(rows, kc, a, b, c, ldc, load);
+      ukr_rows<0>(rows, kc, a, b, c, ldc, load);
+  }
+  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+    epilogue_any(g, tile, ldt, m, rows, p);
+  }
+};
+
+// W8A8: int16 k-pairs of A (broadcast as one 32-bit word) and B (kLayoutI16Pairs: 16 columns x 2 = two
+// vectors per pair), vpmaddwd (two int16 products summed into int32: at most 2 * 128 * 128 = 32768, exact;
+// vpmaddubsw, the usual u8 x s8 instruction, would saturate its int16 pair sums) + vpaddd. 12 int32
+// accumulators (6 rows x 16 columns); the sums over K are exact in int32 (wrapping only past 2^31).
+template <int R>
+inline void ukr_i16(int64_t kc, const float* af, const void* bv, int32_t* c, int64_t ldc, bool load) {
+  const int32_t* a = reinterpret_cast<const int32_t*>(af);
+  const __m256i* b = static_cast<const __m256i*>(bv);
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define FASTLLM_STEP(r, c0, c1)                           \
+  if constexpr (R > r) {                                  \
+    const __m256i av = _mm256_set1_epi32(a[r]);           \
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(av, b0)); \
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(av, b1)); \
+  }
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t j = 0; j < kc2; ++j) {
+    // pair j: columns 0-7 in the first 32 bytes, 8-15 in the next (each column: its two k values)
+    const __m256i b0 = _mm256_loadu_si256(b + 2 * j), b1 = _mm256_loadu_si256(b + 2 * j + 1);
+    FASTLLM_STEP(0, c00, c01)
+    FASTLLM_STEP(1, c10, c11)
+    FASTLLM_STEP(2, c20, c21)
+    FASTLLM_STEP(3, c30, c31)
+    FASTLLM_STEP(4, c40, c41)
+    FASTLLM_STEP(5, c50, c51)
+    a += 6;
+  }
+#undef FASTLLM_STEP
+#define FASTLLM_STORE(r, c0, c1)                                  \
+  if constexpr (R > r) {                                          \
+    __m256i* p = reinterpret_cast<__m256i*>(c + r * ldc);         \
+    if (load) {                                                   \
+      c0 = _mm256_add_epi32(c0, _mm256_loadu_si256(p));           \
+      c1 = _mm256_add_epi32(c1, _mm256_loadu_si256(p + 1));       \
+    }                                                             \
+    _mm256_storeu_si256(p, c0);                                   \
+    _mm256_storeu_si256(p + 1, c1);                               \
+  }
+  FASTLLM_STORE(0, c00, c01)
+  FASTLLM_STORE(1, c10, c11)
+  FASTLLM_STORE(2, c20, c21)
+  FASTLLM_STORE(3, c30, c31)
+  FASTLLM_STORE(4, c40, c41)
+  FASTLLM_STORE(5, c50, c51)
+#undef FASTLLM_STORE
+}
+
+struct Avx2I8Ops {
+  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = 512, kPanels = 1;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_i16pairs<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return (kc + 1) / 2; }
+  static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int, float* cf, int64_t ldc,
+                  bool load) {
+    int32_t* c = reinterpret_cast<int32_t*>(cf);
+    switch (rows) {
+      case 1: return ukr_i16<1>(kc, a, b, c, ldc, load);
+      case 2: return ukr_i16<2>(kc, a, b, c, ldc, load);
+      case 3: return ukr_i16<3>(kc, a, b, c, ldc, load);
+      case 4: return ukr_i16<4>(kc, a, b, c, ldc, load);
+      case 5: return ukr_i16<5>(kc, a, b, c, ldc, load);
+      default: return ukr_i16<6>(kc, a, b, c, ldc, load);
+    }
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);
@@ -103,5 +185,7 @@ struct Avx2Ops {
 }  // namespace
 
 void gemm_avx2(const Gemm& g) { gemm_impl<Avx2Ops>(g); }
+void gemm_avx2_i8(const Gemm& g) { gemm_impl<Avx2I8Ops>(g); }
+
 
 }  // namespace fastllm

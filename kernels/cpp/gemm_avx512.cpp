@@ -17,7 +17,7 @@ namespace {
 
 constexpr int64_t kMR12 = 12;
 
-template <int R, int NP, bool BF>
+template <int R, int NP, int BK>  // BK: 0 fp32, 1 bf16 (kBf16Perm order), 2 int8 (W8A16)
 inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride, float* c, int64_t ldc, bool load) {
   const char* bb = static_cast<const char*>(bv);
   const __m512i perm = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
@@ -35,7 +35,12 @@ inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride,
   }
     for (int64_t k = k0; k < k1; ++k) {
       __m512 b0, b1;
-      if constexpr (BF) {
+      if constexpr (BK == 2) {
+        b0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bb) + k)));
+        if constexpr (NP > 1)
+          b1 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bb + b_pstride) + k)));
+      } else if constexpr (BK == 1) {
         const uint16_t* bh = reinterpret_cast<const uint16_t*>(bb) + k * kNR;
         b0 = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bh))), 16));
@@ -65,7 +70,7 @@ inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride,
     const bool add = load || k0 > 0;
 #define FASTLLM_STORE1(p, v)                                         \
   {                                                                  \
-    __m512 w = BF ? _mm512_permutexvar_ps(perm, v) : v;              \
+    __m512 w = BK == 1 ? _mm512_permutexvar_ps(perm, v) : v;              \
     if (add) w = _mm512_add_ps(w, _mm512_loadu_ps(p));               \
     _mm512_storeu_ps(p, w);                                          \
   }
@@ -91,37 +96,44 @@ inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride,
   }
 }
 
-template <int NP, bool BF>
+template <int NP, int BK>
 inline void ukr12_rows(int rows, int64_t kc, const float* a, const void* b, int64_t bps, float* c, int64_t ldc,
                        bool load) {
   switch (rows) {
-    case 1: return ukr12<1, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 2: return ukr12<2, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 3: return ukr12<3, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 4: return ukr12<4, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 5: return ukr12<5, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 6: return ukr12<6, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 7: return ukr12<7, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 8: return ukr12<8, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 9: return ukr12<9, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 10: return ukr12<10, NP, BF>(kc, a, b, bps, c, ldc, load);
-    case 11: return ukr12<11, NP, BF>(kc, a, b, bps, c, ldc, load);
-    default: return ukr12<12, NP, BF>(kc, a, b, bps, c, ldc, load);
+    case 1: return ukr12<1, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 2: return ukr12<2, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 3: return ukr12<3, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 4: return ukr12<4, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 5: return ukr12<5, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 6: return ukr12<6, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 7: return ukr12<7, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 8: return ukr12<8, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 9: return ukr12<9, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 10: return ukr12<10, NP, BK>(kc, a, b, bps, c, ldc, load);
+    case 11: return ukr12<11, NP, BK>(kc, a, b, bps, c, ldc, load);
+    default: return ukr12<12, NP, BK>(kc, a, b, bps, c, ldc, load);
   }
 }
 
 struct Avx512Ops {
   // 12 x 32 register tile (two B panels), larger cache blocks than AVX2 (Zen 5: 48 KiB L1, 1 MiB L2)
   static constexpr int64_t kMR = kMR12, kMC = 144, kKC = 384, kPanels = 2;
-  static constexpr bool kPairs = false;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_float<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return kc; }
   static void ukr(int rows, int np, int64_t kc, const float* a, const void* b, int64_t bps, int b_dt, float* c,
                   int64_t ldc, bool load) {
     if (b_dt == kBF16) {
-      if (np > 1) return ukr12_rows<2, true>(rows, kc, a, b, bps, c, ldc, load);
-      return ukr12_rows<1, true>(rows, kc, a, b, bps, c, ldc, load);
+      if (np > 1) return ukr12_rows<2, 1>(rows, kc, a, b, bps, c, ldc, load);
+      return ukr12_rows<1, 1>(rows, kc, a, b, bps, c, ldc, load);
     }
-    if (np > 1) return ukr12_rows<2, false>(rows, kc, a, b, bps, c, ldc, load);
-    ukr12_rows<1, false>(rows, kc, a, b, bps, c, ldc, load);
+    if (b_dt == kI8) {
+      if (np > 1) return ukr12_rows<2, 2>(rows, kc, a, b, bps, c, ldc, load);
+      return ukr12_rows<1, 2>(rows, kc, a, b, bps, c, ldc, load);
+    }
+    if (np > 1) return ukr12_rows<2, 0>(rows, kc, a, b, bps, c, ldc, load);
+    ukr12_rows<1, 0>(rows, kc, a, b, bps, c, ldc, load);
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);

@@ -106,7 +106,10 @@ inline void ukr_bf16_rows(int rows, int64_t kc, const float* a, const void* b, i
 
 struct Avx512Bf16Ops {
   static constexpr int64_t kMR = kRows, kMC = 144, kKC = 384, kPanels = 2;
-  static constexpr bool kPairs = true;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    pack_a_pairs<kMR>(g, m0, mr, k0, kc, d);
+  }
+  static int64_t a_words(int64_t kc) { return (kc + 1) / 2; }
   static void ukr(int rows, int np, int64_t kc, const float* a, const void* b, int64_t bps, int, float* c,
                   int64_t ldc, bool load) {
     if (np > 1) return ukr_bf16_rows<2>(rows, kc, a, b, bps, c, ldc, load);

@@ -110,6 +110,21 @@ inline __m256 dact_ps(int act, __m256 x) {
 template <class S>
 inline void epi8(const Gemm& g, const float* acc, int64_t m, int64_t n) {
   using T = typename S::T;
+  if (g.mode == kEpiInt8 || g.mode == kEpiScale) {
+    __m256 v;
+    if (g.mode == kEpiInt8) {  // the tile holds exact int32 sums
+      __m256i iv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc));
+      if (g.b_colsum)
+        iv = _mm256_sub_epi32(iv, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.b_colsum + n)), 7));
+      v = _mm256_mul_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(g.a_scale[m]));
+    } else {
+      v = _mm256_loadu_ps(acc);
+    }
+    v = _mm256_mul_ps(v, _mm256_loadu_ps(g.b_scale + n));
+    if (g.bias) v = _mm256_add_ps(v, load8<S>(static_cast<const T*>(g.bias) + n));
+    store8<S>(static_cast<T*>(g.c) + m * g.ldc + n, v);
+    return;
+  }
   const __m256 v = _mm256_loadu_ps(acc);
   switch (g.mode) {
     case kEpiGated: {

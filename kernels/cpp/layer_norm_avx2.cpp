@@ -188,7 +188,6 @@ struct Avx2Rows {
     widen<S>(wf, static_cast<const T*>(a.w), N, 1.f);
     widen<S>(bf, static_cast<const T*>(a.b), N, 0.f);
     const __m256 mask = tail_mask(rem);
-    const float inv_n = 1.f / static_cast<float>(N);
     for (int64_t i = r0; i < r1; ++i) {
       const T* x = static_cast<const T*>(a.x) + i * x_stride;
       const T* r = RES ? static_cast<const T*>(a.res) + i * res_stride : nullptr;
