@@ -7,6 +7,7 @@ take -> the plain-PyTorch reference beside the op. See `fastllm.backend` and `fa
 
 from fastllm import nn
 from fastllm._backend import Dispatch, backend, explain, get_backend
+from fastllm.nn.int8 import quantize_
 from fastllm.ops import (
     add_layer_norm,
     add_rms_norm,
@@ -15,10 +16,13 @@ from fastllm.ops import (
     flash_attention,
     fused_ffn,
     fused_gated_ffn,
+    int8_matmul,
     layer_norm,
     linear,
+    quantize_int8,
     rms_norm,
     scaled_dot_product_attention,
+    w8a16_linear,
 )
 
 __version__ = "0.1.0"
@@ -35,9 +39,13 @@ __all__ = [
     "fused_ffn",
     "fused_gated_ffn",
     "get_backend",
+    "int8_matmul",
     "layer_norm",
     "linear",
     "nn",
+    "quantize_",
+    "quantize_int8",
     "rms_norm",
     "scaled_dot_product_attention",
+    "w8a16_linear",
 ]

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-ABI = 6  # must equal kAbi in kernels/cpp/bindings.cpp
+ABI = 7  # must equal kAbi in kernels/cpp/bindings.cpp
 
 # dtype codes shared with kernels/cpp/common.h (enum DType)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}

@@ -46,8 +46,8 @@ def pack(src, src2, K, N, s_k, s_n, layout) -> Packed:
     colsum = torch.zeros(_ext.C.packed_b_elems(1, N, gated, ROWS), dtype=torch.int32) if layout == I8_QUADS else None
     if buf.numel():
         _ext.C.pack_b(
-            dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code, layout=layout, colsum=ptr(colsum),
-            nthreads=_ext.num_threads(K * N),
+            dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code,
+            layout=layout, colsum=ptr(colsum), nthreads=_ext.num_threads(K * N),
         )  # fmt: skip
     return Packed(buf, pcode, K, N, gated, layout, colsum)
 

@@ -11,6 +11,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "layer_norm.h"
+#include "quant.h"
 
 namespace py = pybind11;
 
@@ -34,7 +35,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 6;
+constexpr int kAbi = 7;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -201,6 +202,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ld_pre"), py::arg("aux"), py::arg("aux2"), py::arg("ld_aux"), py::arg("c_dt"), py::arg("a_scale"), py::arg("b_scale"), py::arg("b_colsum"),
       py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "C = A B with a fused epilogue (gemm.h); B packed by pack_b.");
+
+  m.def(
+      "quantize_rows",
+      [](uintptr_t q, uintptr_t scale, uintptr_t x, int64_t M, int64_t K, int64_t x_stride, int dtype, int nthreads) {
+        Quant a{ptr<int8_t>(q), ptr<float>(scale), ptr<const void>(x), M, K, x_stride, dtype, nthreads};
+        quantize_rows(a);
+      },
+      py::arg("q"), py::arg("scale"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("x_stride"), py::arg("dtype"),
+      py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "Per-row symmetric int8 quantization: q (M x K int8), scale (M fp32) = amax / 127 (1 for zero rows).");
 
   m.def(
       "copy_bytes",
