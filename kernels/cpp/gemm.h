@@ -322,6 +322,14 @@ static void pack_a_i16pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, i
     const int64_t rows = imin(MR, mr - r0);
     for (int64_t r = 0; r < MR; ++r) {
       const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      if (src != nullptr && g.a_cs == 1) {  // a row: one 32-bit word of two sign-extended values per pair
+        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
+        for (int64_t j = 0; j < kc2; ++j) {
+          const int16_t lo = src[2 * j], hi = 2 * j + 1 < kc ? src[2 * j + 1] : 0;
+          d32[j * MR] = static_cast<uint16_t>(lo) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+        }
+        continue;
+      }
       for (int64_t k = 0; k < 2 * kc2; ++k)
         d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? static_cast<int16_t>(src[k * g.a_cs]) : 0;
     }
@@ -340,6 +348,21 @@ static void pack_a_u8quads(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, in
     const int64_t rows = imin(MR, mr - r0);
     for (int64_t r = 0; r < MR; ++r) {
       const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      if (src != nullptr && g.a_cs == 1) {  // a row: a quad is a 32-bit word; a + 128 (mod 256) = a ^ 0x80
+        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
+        const int64_t full = kc / 4;
+        for (int64_t j = 0; j < full; ++j) {
+          uint32_t v;
+          std::memcpy(&v, src + 4 * j, 4);
+          d32[j * MR] = v ^ 0x80808080u;
+        }
+        if (kc & 3) {
+          uint32_t v = 0;
+          std::memcpy(&v, src + 4 * full, static_cast<size_t>(kc & 3));
+          d32[full * MR] = v ^ 0x80808080u;
+        }
+        continue;
+      }
       for (int64_t k = 0; k < 4 * kc4; ++k)
         d[(k / 4) * MR * 4 + r * 4 + (k & 3)] =
             static_cast<uint8_t>((src && k < kc ? static_cast<int>(src[k * g.a_cs]) : 0) + 128);
