@@ -41,8 +41,11 @@ def make_w8a8_case(M, K, N):
     lin = torch.nn.Linear(K, N)
     q8 = fastllm.nn.Int8Linear.from_float(lin, "w8a8")
     dq = _fbgemm(lin)
-    impls = {"fastllm": q8, "eager": lin, "fbgemm": dq}
-    impls = {k: (lambda m: lambda x: m(x).detach())(m) for k, m in impls.items()}
+
+    def call(m):
+        return lambda x: m(x).detach()
+
+    impls = {"fastllm": call(q8), "eager": call(lin), "fbgemm": call(dq)}
     lin64 = torch.nn.Linear(K, N).double()
     lin64.load_state_dict({k: v.double() for k, v in lin.state_dict().items()})
     return Case("linear w8a8", (M, K, N), torch.float32, "cpu", lambda: (torch.randn(M, K),), impls,
@@ -54,6 +57,7 @@ def make_w8a16_case(M):
     K = N = 4096
     lins = [torch.nn.Linear(K, N, bias=False).requires_grad_(False) for _ in range(W8A16_LAYERS)]
     q16 = [fastllm.nn.Int8Linear.from_float(m, "w8a16") for m in lins]
+
     def cycled(mods):
         state = {"i": 0}
 
