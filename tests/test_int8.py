@@ -303,3 +303,23 @@ def test_bad_inputs():
         fastllm.w8a16_linear(torch.randn(3, 9), b, sb)
     with pytest.raises(ValueError, match="NaN"):
         fastllm.w8a16_linear(torch.randn(3, 8), b, torch.full((6,), float("nan")))
+
+
+def test_triton_backend_through_the_ops():
+    """The ops' Triton path (interpreter on CPU tensors; the kernels' own tests: test_int8_triton.py)."""
+    from fastllm._op import triton_interpret, triton_missing
+
+    if triton_missing() is not None or not (torch.cuda.is_available() or triton_interpret()):
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (or a GPU)")
+    x = torch.randn(2, 5, 48)
+    lin = torch.nn.Linear(48, 20)
+    with fastllm.backend("triton"), fastllm.explain() as log:
+        q, s = fastllm.quantize_int8(x)
+        y8 = fastllm.nn.Int8Linear.from_float(lin, "w8a8")(x)
+        y16 = fastllm.nn.Int8Linear.from_float(lin, "w8a16")(x)
+    assert {d.backend for d in log} == {"triton"}
+    qr, sr = Q.quantize_ref(x, -1)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    with fastllm.backend("cpp"):
+        torch.testing.assert_close(y8, fastllm.nn.Int8Linear.from_float(lin, "w8a8")(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y16, fastllm.nn.Int8Linear.from_float(lin, "w8a16")(x), rtol=1e-5, atol=1e-5)
