@@ -27,6 +27,11 @@ def _probes() -> dict:
         "linear": lambda x: fastllm.linear(x, x, activation="gelu"),
         "fused_ffn": lambda x: fastllm.fused_ffn(x, x, None, x.t(), None),
         "fused_gated_ffn": lambda x: fastllm.fused_gated_ffn(x, x, x, x.t()),
+        "quantize_int8": lambda x: fastllm.quantize_int8(x),
+        "int8_matmul": lambda x: fastllm.int8_matmul(
+            *(fastllm.quantize_int8(x)[0],) * 2, *(torch.ones(x.shape[0]),) * 2
+        ),
+        "w8a16_linear": lambda x: fastllm.w8a16_linear(x, fastllm.quantize_int8(x)[0], torch.ones(x.shape[0])),
     }
 
 
@@ -76,7 +81,7 @@ def backend_table() -> list[tuple[str, str, str, str]]:
             x = torch.randn(2, 8, device=device)
             with fastllm.explain() as log:
                 probe(x)
-            d = log[0]
+            d = log[-1]  # the probed op is the last call (a probe may first build its inputs with another op)
             rows.append((name, device, d.backend, d.reason))
     return rows
 
