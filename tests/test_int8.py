@@ -118,6 +118,16 @@ def test_int8_matmul_epilogue(int8_isa, out_dtype):
     assert_equivalent(out, eager, ref)
 
 
+def test_int8_matmul_very_long_k_runs_the_exact_reference(monkeypatch):
+    monkeypatch.setattr(Q, "MAX_EXACT_K", 64)  # stand-in for 131072 (a real K that long is slow here)
+    a = torch.full((3, 100), -128, dtype=torch.int8)
+    b = torch.full((4, 100), -128, dtype=torch.int8)
+    with fastllm.explain() as log:
+        out = fastllm.int8_matmul(a, b, torch.ones(3), torch.ones(4))
+    assert log[-1].backend == "reference" and "overflow" in log[-1].reason
+    assert torch.equal(out, (a.long() @ b.long().t()).float())
+
+
 def test_int8_matmul_empty():
     b = torch.randint(-128, 128, (4, 8), dtype=torch.int8)
     assert fastllm.int8_matmul(torch.zeros(0, 8, dtype=torch.int8), b, torch.ones(0), torch.ones(4)).shape == (0, 4)

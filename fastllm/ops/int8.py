@@ -12,7 +12,8 @@ reference below bit for bit.
 int8_matmul: a_q (..., K) int8, b_q (N, K) int8 (nn.Linear layout), a_scale (...) float32 per row of a,
 b_scale (N,) float32; out = (float(a_q b_q^T) * a_scale) * b_scale + bias, where a_q b_q^T is the exact int32
 product (CPU: vpdpbusd with a u8 offset correction on AVX512-VNNI, vpmaddwd on int16 pairs on AVX2: never
-the saturating vpmaddubsw; GPU: tl.dot on int8 tiles). Exact while |a_q b_q^T| < 2^31 (any K < 131072).
+the saturating vpmaddubsw; GPU: tl.dot on int8 tiles). int32 sums are exact for any K < 131072; longer K runs
+the reference (exact in float64).
 
 w8a16_linear: x (..., K) float, w_q (N, K) int8, w_scale (N,): out = (x w_q^T) * w_scale + bias, with the int8
 weights widened to fp32 inside the GEMM (4x fewer weight bytes than fp32: the memory-bound decode case).
@@ -174,6 +175,15 @@ def _w8a16_cpp(x, w_q, w_scale, bias):
     return out
 
 
+MAX_EXACT_K = 131072  # |a b| <= 2^14 per product: int32 sums are exact below 2^17 terms
+
+
+def _mm_unsupported(a_q, *args):
+    if a_q.shape[1] >= MAX_EXACT_K:
+        return f"K = {a_q.shape[1]} >= {MAX_EXACT_K}: int32 accumulation could overflow (the reference is exact)"
+    return None
+
+
 def _float_unsupported(x, *args):
     return None if x.dtype in KERNEL_DTYPES else f"dtype {x.dtype} (the kernels take float32, bfloat16, float16)"
 
@@ -229,8 +239,8 @@ int8_matmul_op = define_op(
     validate=_mm_check,
     reference=int8_matmul_ref,
     fake=lambda a, b, sa, sb, bias, dt: torch.empty(a.shape[0], b.shape[0], dtype=dt, device=a.device),
-    cpp=Kernel(_mm_cpp, avx512=True),
-    triton=Kernel(_mm_triton),
+    cpp=Kernel(_mm_cpp, _mm_unsupported, avx512=True),
+    triton=Kernel(_mm_triton, _mm_unsupported),
 )
 
 w8a16_op = define_op(
