@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "gemm_epilogue_avx2.h"
+#include "ukr_rows.h"
 
 namespace fastllm {
 namespace {
@@ -49,12 +50,7 @@ inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t 
         b1 = _mm256_loadu_ps(bf + 8);
         bf += kNR;
       }
-      FASTLLM_STEP(0, c00, c01)
-      FASTLLM_STEP(1, c10, c11)
-      FASTLLM_STEP(2, c20, c21)
-      FASTLLM_STEP(3, c30, c31)
-      FASTLLM_STEP(4, c40, c41)
-      FASTLLM_STEP(5, c50, c51)
+      FASTLLM_EACH_ROW6(FASTLLM_STEP)
       a += kMR;
     }
 #undef FASTLLM_STEP
@@ -69,25 +65,8 @@ inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t 
     _mm256_storeu_ps(cr, c0);                          \
     _mm256_storeu_ps(cr + 8, c1);                      \
   }
-    FASTLLM_STORE(0, c00, c01)
-    FASTLLM_STORE(1, c10, c11)
-    FASTLLM_STORE(2, c20, c21)
-    FASTLLM_STORE(3, c30, c31)
-    FASTLLM_STORE(4, c40, c41)
-    FASTLLM_STORE(5, c50, c51)
+    FASTLLM_EACH_ROW6(FASTLLM_STORE)
 #undef FASTLLM_STORE
-  }
-}
-
-template <int BK>
-inline void ukr_rows(int rows, int64_t kc, const float* a, const void* b, float* c, int64_t ldc, bool load) {
-  switch (rows) {
-    case 1: return ukr_t<1, BK>(kc, a, b, c, ldc, load);
-    case 2: return ukr_t<2, BK>(kc, a, b, c, ldc, load);
-    case 3: return ukr_t<3, BK>(kc, a, b, c, ldc, load);
-    case 4: return ukr_t<4, BK>(kc, a, b, c, ldc, load);
-    case 5: return ukr_t<5, BK>(kc, a, b, c, ldc, load);
-    default: return ukr_t<6, BK>(kc, a, b, c, ldc, load);
   }
 }
 
@@ -99,12 +78,12 @@ struct Avx2Ops {
   static int64_t a_words(int64_t kc) { return kc; }
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
-    if (b_dt == kBF16)
-      ukr_rows<1>(rows, kc, a, b, c, ldc, load);
-    else if (b_dt == kI8)
-      ukr_rows<2>(rows, kc, a, b, c, ldc, load);
-    else
-      ukr_rows<0>(rows, kc, a, b, c, ldc, load);
+    with_rows<6>(rows, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      if (b_dt == kBF16) return ukr_t<R, 1>(kc, a, b, c, ldc, load);
+      if (b_dt == kI8) return ukr_t<R, 2>(kc, a, b, c, ldc, load);
+      ukr_t<R, 0>(kc, a, b, c, ldc, load);
+    });
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);
@@ -131,12 +110,7 @@ inline void ukr_i16(int64_t kc, const float* af, const void* bv, int32_t* c, int
   for (int64_t j = 0; j < kc2; ++j) {
     // pair j: columns 0-7 in the first 32 bytes, 8-15 in the next (each column: its two k values)
     const __m256i b0 = _mm256_loadu_si256(b + 2 * j), b1 = _mm256_loadu_si256(b + 2 * j + 1);
-    FASTLLM_STEP(0, c00, c01)
-    FASTLLM_STEP(1, c10, c11)
-    FASTLLM_STEP(2, c20, c21)
-    FASTLLM_STEP(3, c30, c31)
-    FASTLLM_STEP(4, c40, c41)
-    FASTLLM_STEP(5, c50, c51)
+    FASTLLM_EACH_ROW6(FASTLLM_STEP)
     a += 6;
   }
 #undef FASTLLM_STEP
@@ -150,12 +124,7 @@ inline void ukr_i16(int64_t kc, const float* af, const void* bv, int32_t* c, int
     _mm256_storeu_si256(p, c0);                                   \
     _mm256_storeu_si256(p + 1, c1);                               \
   }
-  FASTLLM_STORE(0, c00, c01)
-  FASTLLM_STORE(1, c10, c11)
-  FASTLLM_STORE(2, c20, c21)
-  FASTLLM_STORE(3, c30, c31)
-  FASTLLM_STORE(4, c40, c41)
-  FASTLLM_STORE(5, c50, c51)
+  FASTLLM_EACH_ROW6(FASTLLM_STORE)
 #undef FASTLLM_STORE
 }
 
@@ -168,14 +137,7 @@ struct Avx2I8Ops {
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int, float* cf, int64_t ldc,
                   bool load) {
     int32_t* c = reinterpret_cast<int32_t*>(cf);
-    switch (rows) {
-      case 1: return ukr_i16<1>(kc, a, b, c, ldc, load);
-      case 2: return ukr_i16<2>(kc, a, b, c, ldc, load);
-      case 3: return ukr_i16<3>(kc, a, b, c, ldc, load);
-      case 4: return ukr_i16<4>(kc, a, b, c, ldc, load);
-      case 5: return ukr_i16<5>(kc, a, b, c, ldc, load);
-      default: return ukr_i16<6>(kc, a, b, c, ldc, load);
-    }
+    with_rows<6>(rows, [&](auto r) { ukr_i16<decltype(r)::value>(kc, a, b, c, ldc, load); });
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include "gemm_epilogue_avx2.h"
+#include "ukr_rows.h"
 
 namespace fastllm {
 namespace {
@@ -52,18 +53,7 @@ inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride,
         b0 = _mm512_loadu_ps(reinterpret_cast<const float*>(bb) + k * kNR);
         if constexpr (NP > 1) b1 = _mm512_loadu_ps(reinterpret_cast<const float*>(bb + b_pstride) + k * kNR);
       }
-      FASTLLM_STEP(0, c0, d0)
-      FASTLLM_STEP(1, c1, d1)
-      FASTLLM_STEP(2, c2, d2)
-      FASTLLM_STEP(3, c3, d3)
-      FASTLLM_STEP(4, c4, d4)
-      FASTLLM_STEP(5, c5, d5)
-      FASTLLM_STEP(6, c6, d6)
-      FASTLLM_STEP(7, c7, d7)
-      FASTLLM_STEP(8, c8, d8)
-      FASTLLM_STEP(9, c9, d9)
-      FASTLLM_STEP(10, c10, d10)
-      FASTLLM_STEP(11, c11, d11)
+      FASTLLM_EACH_ROW12(FASTLLM_STEP)
       a += kMR12;
     }
 #undef FASTLLM_STEP
@@ -79,39 +69,9 @@ inline void ukr12(int64_t kc, const float* a, const void* bv, int64_t b_pstride,
     FASTLLM_STORE1(c + r * ldc, cr)                                  \
     if constexpr (NP > 1) FASTLLM_STORE1(c + r * ldc + kNR, dr)      \
   }
-    FASTLLM_STORE(0, c0, d0)
-    FASTLLM_STORE(1, c1, d1)
-    FASTLLM_STORE(2, c2, d2)
-    FASTLLM_STORE(3, c3, d3)
-    FASTLLM_STORE(4, c4, d4)
-    FASTLLM_STORE(5, c5, d5)
-    FASTLLM_STORE(6, c6, d6)
-    FASTLLM_STORE(7, c7, d7)
-    FASTLLM_STORE(8, c8, d8)
-    FASTLLM_STORE(9, c9, d9)
-    FASTLLM_STORE(10, c10, d10)
-    FASTLLM_STORE(11, c11, d11)
+    FASTLLM_EACH_ROW12(FASTLLM_STORE)
 #undef FASTLLM_STORE
 #undef FASTLLM_STORE1
-  }
-}
-
-template <int NP, int BK>
-inline void ukr12_rows(int rows, int64_t kc, const float* a, const void* b, int64_t bps, float* c, int64_t ldc,
-                       bool load) {
-  switch (rows) {
-    case 1: return ukr12<1, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 2: return ukr12<2, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 3: return ukr12<3, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 4: return ukr12<4, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 5: return ukr12<5, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 6: return ukr12<6, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 7: return ukr12<7, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 8: return ukr12<8, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 9: return ukr12<9, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 10: return ukr12<10, NP, BK>(kc, a, b, bps, c, ldc, load);
-    case 11: return ukr12<11, NP, BK>(kc, a, b, bps, c, ldc, load);
-    default: return ukr12<12, NP, BK>(kc, a, b, bps, c, ldc, load);
   }
 }
 
@@ -124,16 +84,18 @@ struct Avx512Ops {
   static int64_t a_words(int64_t kc) { return kc; }
   static void ukr(int rows, int np, int64_t kc, const float* a, const void* b, int64_t bps, int b_dt, float* c,
                   int64_t ldc, bool load) {
-    if (b_dt == kBF16) {
-      if (np > 1) return ukr12_rows<2, 1>(rows, kc, a, b, bps, c, ldc, load);
-      return ukr12_rows<1, 1>(rows, kc, a, b, bps, c, ldc, load);
-    }
-    if (b_dt == kI8) {
-      if (np > 1) return ukr12_rows<2, 2>(rows, kc, a, b, bps, c, ldc, load);
-      return ukr12_rows<1, 2>(rows, kc, a, b, bps, c, ldc, load);
-    }
-    if (np > 1) return ukr12_rows<2, 0>(rows, kc, a, b, bps, c, ldc, load);
-    ukr12_rows<1, 0>(rows, kc, a, b, bps, c, ldc, load);
+    const int bk = b_dt == kBF16 ? 1 : (b_dt == kI8 ? 2 : 0);
+    with_rows<12>(rows, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      if (np > 1) {
+        if (bk == 1) return ukr12<R, 2, 1>(kc, a, b, bps, c, ldc, load);
+        if (bk == 2) return ukr12<R, 2, 2>(kc, a, b, bps, c, ldc, load);
+        return ukr12<R, 2, 0>(kc, a, b, bps, c, ldc, load);
+      }
+      if (bk == 1) return ukr12<R, 1, 1>(kc, a, b, bps, c, ldc, load);
+      if (bk == 2) return ukr12<R, 1, 2>(kc, a, b, bps, c, ldc, load);
+      ukr12<R, 1, 0>(kc, a, b, bps, c, ldc, load);
+    });
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);

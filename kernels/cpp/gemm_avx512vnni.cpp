@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include "gemm_epilogue_avx2.h"
+#include "ukr_rows.h"
 
 namespace fastllm {
 namespace {
@@ -39,18 +40,7 @@ inline void ukr_vnni(int64_t kc, const float* af, const void* bv, int64_t b_pstr
     const __m512i b0 = _mm512_loadu_si512(bb + j * 64);
     __m512i b1;
     if constexpr (NP > 1) b1 = _mm512_loadu_si512(bb + b_pstride + j * 64);
-    FASTLLM_STEP(0, c0, d0)
-    FASTLLM_STEP(1, c1, d1)
-    FASTLLM_STEP(2, c2, d2)
-    FASTLLM_STEP(3, c3, d3)
-    FASTLLM_STEP(4, c4, d4)
-    FASTLLM_STEP(5, c5, d5)
-    FASTLLM_STEP(6, c6, d6)
-    FASTLLM_STEP(7, c7, d7)
-    FASTLLM_STEP(8, c8, d8)
-    FASTLLM_STEP(9, c9, d9)
-    FASTLLM_STEP(10, c10, d10)
-    FASTLLM_STEP(11, c11, d11)
+    FASTLLM_EACH_ROW12(FASTLLM_STEP)
     a += kRows;
   }
 #undef FASTLLM_STEP
@@ -65,39 +55,9 @@ inline void ukr_vnni(int64_t kc, const float* af, const void* bv, int64_t b_pstr
     FASTLLM_STORE1(c + r * ldc, cr)                             \
     if constexpr (NP > 1) FASTLLM_STORE1(c + r * ldc + kNR, dr) \
   }
-  FASTLLM_STORE(0, c0, d0)
-  FASTLLM_STORE(1, c1, d1)
-  FASTLLM_STORE(2, c2, d2)
-  FASTLLM_STORE(3, c3, d3)
-  FASTLLM_STORE(4, c4, d4)
-  FASTLLM_STORE(5, c5, d5)
-  FASTLLM_STORE(6, c6, d6)
-  FASTLLM_STORE(7, c7, d7)
-  FASTLLM_STORE(8, c8, d8)
-  FASTLLM_STORE(9, c9, d9)
-  FASTLLM_STORE(10, c10, d10)
-  FASTLLM_STORE(11, c11, d11)
+  FASTLLM_EACH_ROW12(FASTLLM_STORE)
 #undef FASTLLM_STORE
 #undef FASTLLM_STORE1
-}
-
-template <int NP>
-inline void ukr_vnni_rows(int rows, int64_t kc, const float* a, const void* b, int64_t bps, float* c, int64_t ldc,
-                          bool load) {
-  switch (rows) {
-    case 1: return ukr_vnni<1, NP>(kc, a, b, bps, c, ldc, load);
-    case 2: return ukr_vnni<2, NP>(kc, a, b, bps, c, ldc, load);
-    case 3: return ukr_vnni<3, NP>(kc, a, b, bps, c, ldc, load);
-    case 4: return ukr_vnni<4, NP>(kc, a, b, bps, c, ldc, load);
-    case 5: return ukr_vnni<5, NP>(kc, a, b, bps, c, ldc, load);
-    case 6: return ukr_vnni<6, NP>(kc, a, b, bps, c, ldc, load);
-    case 7: return ukr_vnni<7, NP>(kc, a, b, bps, c, ldc, load);
-    case 8: return ukr_vnni<8, NP>(kc, a, b, bps, c, ldc, load);
-    case 9: return ukr_vnni<9, NP>(kc, a, b, bps, c, ldc, load);
-    case 10: return ukr_vnni<10, NP>(kc, a, b, bps, c, ldc, load);
-    case 11: return ukr_vnni<11, NP>(kc, a, b, bps, c, ldc, load);
-    default: return ukr_vnni<12, NP>(kc, a, b, bps, c, ldc, load);
-  }
 }
 
 struct Avx512VnniOps {
@@ -109,8 +69,11 @@ struct Avx512VnniOps {
   static int64_t a_words(int64_t kc) { return (kc + 3) / 4; }
   static void ukr(int rows, int np, int64_t kc, const float* a, const void* b, int64_t bps, int, float* c,
                   int64_t ldc, bool load) {
-    if (np > 1) return ukr_vnni_rows<2>(rows, kc, a, b, bps, c, ldc, load);
-    ukr_vnni_rows<1>(rows, kc, a, b, bps, c, ldc, load);
+    with_rows<12>(rows, [&](auto r) {
+      constexpr int R = decltype(r)::value;
+      if (np > 1) return ukr_vnni<R, 2>(kc, a, b, bps, c, ldc, load);
+      ukr_vnni<R, 1>(kc, a, b, bps, c, ldc, load);
+    });
   }
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     epilogue_any(g, tile, ldt, m, rows, p);
