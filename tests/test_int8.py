@@ -118,6 +118,7 @@ def test_int8_matmul_epilogue(int8_isa, out_dtype):
     assert_equivalent(out, eager, ref)
 
 
+@pytest.mark.skipif(fastllm._ext.C is None, reason="the K limit belongs to the C++ kernels")
 def test_int8_matmul_very_long_k_runs_the_exact_reference(monkeypatch):
     monkeypatch.setattr(Q, "MAX_EXACT_K", 64)  # stand-in for 131072 (a real K that long is slow here)
     a = torch.full((3, 100), -128, dtype=torch.int8)

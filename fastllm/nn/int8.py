@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastllm.ops.int8 import int8_matmul, quantize_int8, w8a16_linear
+from fastllm.ops.int8 import int8_matmul_lead, quantize_int8, w8a16_lead
 
 MODES = ("w8a8", "w8a16")
 QUANTIZE_MODES = {"int8": "w8a8", "int8_weight_only": "w8a16"}
@@ -59,9 +59,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
         if self.mode == "w8a16":
-            return w8a16_linear(x, self.weight, self.weight_scale, b)
+            return w8a16_lead(x, self.weight, self.weight_scale, b)
         q, s = quantize_int8(x, -1)
-        return int8_matmul(q, self.weight, s, self.weight_scale, b, out_dtype=x.dtype)
+        return int8_matmul_lead(q, self.weight, s, self.weight_scale, b, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode!r}"

@@ -273,6 +273,14 @@ def quantize_int8(x: torch.Tensor, dim: int = -1):
 
 def int8_matmul(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
     """(a_q b_q^T as exact int32) * a_scale[:, None] * b_scale[None, :] + bias; leading batch dims on a_q."""
+    _no_nan("int8_matmul", "a_scale", a_scale)
+    _no_nan("int8_matmul", "b_scale", b_scale)
+    return int8_matmul_lead(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+
+
+def int8_matmul_lead(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> torch.Tensor:
+    """int8_matmul without the NaN scan of the scales (Int8Linear: its scales come from quantize_int8; the scan
+    reads the data, a device sync per call on a GPU)."""
     op = "int8_matmul"
     _check_int8(op, "a_q", a_q)
     if a_q.dim() < 1:
@@ -281,8 +289,6 @@ def int8_matmul(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float32) 
     lead = tuple(a_q.shape[:-1])
     if tuple(a_scale.shape) != lead:
         raise ValueError(f"{op}: a_scale must have a_q's leading shape {lead}, got {tuple(a_scale.shape)}")
-    _no_nan(op, "a_scale", a_scale)
-    _no_nan(op, "b_scale", b_scale)
     M = math.prod(lead)
     out = int8_matmul_op(a_q.reshape(M, a_q.shape[-1]), b_q, a_scale.reshape(M), b_scale, bias, out_dtype)
     return out.view(*lead, out.shape[-1])
@@ -290,10 +296,15 @@ def int8_matmul(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float32) 
 
 def w8a16_linear(x, w_q, w_scale, bias=None) -> torch.Tensor:
     """x (..., K) float times int8 weights (N, K) with per-channel w_scale: (x w_q^T) * w_scale + bias."""
+    _no_nan("w8a16_linear", "w_scale", w_scale)
+    return w8a16_lead(x, w_q, w_scale, bias)
+
+
+def w8a16_lead(x, w_q, w_scale, bias) -> torch.Tensor:
+    """w8a16_linear without the NaN scan of w_scale (Int8Linear, whose scales come from quantize_int8)."""
     check_tensor("w8a16_linear", "x", x)
     if x.dim() < 1:
         raise ValueError("w8a16_linear: x must have at least 1 dim (..., K)")
-    _no_nan("w8a16_linear", "w_scale", w_scale)
     lead = tuple(x.shape[:-1])
     out = w8a16_op(x.reshape(math.prod(lead), x.shape[-1]), w_q, w_scale, bias)
     return out.view(*lead, out.shape[-1])

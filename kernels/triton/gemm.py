@@ -5,7 +5,7 @@ Semantics (the contract of fastllm.ops; the caller has validated shapes, dtypes 
 
     linear:  pre = x @ w.T + bias,  y = act(pre) + residual
     gated:   g = x @ wg.T + bg,  u = x @ wu.T + bu,  h = act(g) * u
-    matmul:  acc = a @ b, then  "none": c = acc (or out += acc in place)
+    matmul:  acc = a @ b, then  "none": c = acc
                                 "dact": c = acc * act'(aux)
                                 "dgated": c = acc * u * act'(g), c2 = acc * act(g)   (aux = g, aux2 = u)
 
@@ -27,9 +27,7 @@ Glossary
 Kernels (one program per (BLOCK_M, BLOCK_N) output tile, 1-D grid in grouped order)
     _gemm_kernel    acc = A @ B over K in BLOCK_K steps, then one of three epilogues (constexpr EPILOGUE):
                     "linear"  acc + bias -> (store pre) -> act -> + aux -> store. This covers linear (aux = the
-                              residual) and matmul mode "none" (no bias / act), and matmul's `out` accumulation
-                              (aux and the output are the same fp32 buffer: each element is read, then written,
-                              by the one program that owns it).
+                              residual) and matmul mode "none" (no bias / act).
                     "dact"    acc * act'(aux)
                     "dgated"  acc * aux2 * act'(aux) and acc * act(aux) (two outputs)
                     (_gemm_epilogue, once per EPI_SPLIT slice)
@@ -61,8 +59,7 @@ within 1.3x of torch's.
 Block sizes. On CUDA the kernels are autotuned (triton.autotune) over a short list per architecture (sm_90
 Hopper, sm_80 Ampere; other GPUs use the list of the closest older one) and per dot kind (16-bit tensor-core MMA,
 fp32 FMA), keyed on a coarse bucket of M (the token count varies from call to call), N, K, the epilogue and the
-dtypes; configs that do not fit a GPU's shared memory are skipped by the autotuner. The accumulating matmul has its
-own autotuner that restores `out` after each benchmarked config (restore_value), so the sum is added once. Under
+dtypes; configs that do not fit a GPU's shared memory are skipped by the autotuner. Under
 the interpreter (CPU tensors, TRITON_INTERPRET=1) one fixed small config is used (CPU_CONFIG). Tests may force the
 tile with block=(BLOCK_M, BLOCK_N, BLOCK_K[, EPI_SPLIT]) to get several tiles, K steps and epilogue slices on tiny
 shapes. A persistent variant (one program per SM looping over tiles) is not implemented.
@@ -487,9 +484,8 @@ def _config_list(name: str, arch: int, fp32: bool) -> list:
 
 
 @functools.cache
-def _tuned(name: str, arch: int, fp32: bool, accumulate: bool):
-    """The autotuned wrapper of kernel `name` for one config list. accumulate: the output is read and written
-    (matmul's `out`), so the autotuner restores it after each benchmarked config."""
+def _tuned(name: str, arch: int, fp32: bool):
+    """The autotuned wrapper of kernel `name` for one config list."""
     configs = [
         triton.Config(
             {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M, "EPI_SPLIT": split},
@@ -498,8 +494,7 @@ def _tuned(name: str, arch: int, fp32: bool, accumulate: bool):
         )
         for m, n, k, w, s, split in _config_list(name, arch, fp32)
     ]
-    restore = ["C"] if accumulate else None
-    return triton.autotune(configs=configs, key=_TUNE_KEYS[name], restore_value=restore)(globals()[name])
+    return triton.autotune(configs=configs, key=_TUNE_KEYS[name])(globals()[name])
 
 
 def _device_ctx(t: torch.Tensor):
@@ -526,13 +521,13 @@ def _check_block(block) -> tuple[int, int, int, int]:
     return (*tiles, split)
 
 
-def _launch(name: str, M: int, N: int, args: tuple, consts: dict, t: torch.Tensor, block, accumulate=False) -> None:
+def _launch(name: str, M: int, N: int, args: tuple, consts: dict, t: torch.Tensor, block) -> None:
     """Launch kernel `name` over the (M, N) output tiles: autotuned on CUDA unless block is forced; CPU_CONFIG
     (or block) elsewhere. args end with M_BUCKET; consts: the constexprs other than the tile sizes."""
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     with _device_ctx(t):
         if t.is_cuda and block is None:
-            _tuned(name, _arch(t.device), t.dtype == torch.float32, accumulate)[grid](*args, **consts)
+            _tuned(name, _arch(t.device), t.dtype == torch.float32)[grid](*args, **consts)
             return
         bm, bn, bk, split = _check_block(block) if block is not None else (*CPU_CONFIG[:3], 1)
         group = GROUP_M if t.is_cuda else CPU_CONFIG[3]
@@ -618,30 +613,24 @@ def matmul(
     activation: str = "none",
     aux: torch.Tensor | None = None,
     aux2: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
     *,
     block: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(c, c2) from acc = a @ b (fp32 accumulation); a (M, K), b (K, N), any strides (e.g. dy.T, w).
 
-    mode "none":   c = acc in a's dtype, c2 None; with out (an fp32 contiguous (M, N) tensor), out += acc in place
-                   and c = out (summing dx = dg @ Wg + du @ Wu).
+    mode "none":   c = acc in a's dtype, c2 None.
     mode "dact":   c = acc * act'(aux), aux (M, N) of a's dtype (the forward's pre-activation); c2 None.
     mode "dgated": aux = g, aux2 = u (M, N): c = acc * u * act'(g) (grad of g), c2 = acc * act(g) (grad of u).
     New outputs are contiguous (M, N) of a's dtype, rounded once from fp32. block: test hook as in linear.
     """
     M, K = a.shape
     N = b.shape[1]
-    accumulate = mode == "none" and out is not None
-    if accumulate:
-        c = out
-    else:
-        c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     c2 = torch.empty((M, N), dtype=a.dtype, device=a.device) if mode == "dgated" else None
     if M == 0 or N == 0:
         return c, c2
     if mode == "none":
-        epilogue, act, x1, x2 = "linear", "none", (out if accumulate else None), None
+        epilogue, act, x1, x2 = "linear", "none", None, None
     else:
         epilogue, act, x1, x2 = mode, activation, aux, aux2
     args = (
@@ -650,5 +639,5 @@ def matmul(
     consts = dict(
         EPILOGUE=epilogue, ACT=act, HAS_BIAS=False, HAS_AUX=x1 is not None, SAVE_PRE=False, **_dot_args(a),
     )  # fmt: skip
-    _launch("_gemm_kernel", M, N, args, consts, a, block, accumulate=accumulate)
+    _launch("_gemm_kernel", M, N, args, consts, a, block)
     return c, c2

@@ -70,6 +70,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastllm.kernels.triton.gemm import _int64, _tile_coords  # grouped tile order, int64 offsets
 
 # M up to which w8a16_matmul takes the split-K path (the BLOCK_M of _splitk_kernel).
 SMALL_M = 16
@@ -90,26 +91,7 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + c - c rounds v half-t
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared pieces.
-
-
-@triton.jit
-def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program pid in grouped order: groups of GROUP_M tile rows (the last one may be shorter),
-    walked column by column inside a group (Triton matmul tutorial, "L2 cache optimizations")."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    in_group = pid % per_group
-    return first_m + in_group % group_rows, in_group // group_rows
-
-
-@triton.jit
-def _int64(x):
-    """x as an int64 scalar (x may be a run-time int32 or an int the JIT specialized to a constant, e.g. stride 1)."""
-    return tl.zeros([], dtype=tl.int64) + x
+# Shared pieces (_tile_coords and _int64 come from gemm.py).
 
 
 @triton.jit
