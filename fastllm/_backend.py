@@ -3,13 +3,19 @@
 FASTLLM_BACKEND=auto|triton|cpp|reference (read at each call) or `with fastllm.backend("cpp"):`
 (which wins over the environment). `auto` means Triton for CUDA tensors, C++ for CPU tensors and the
 reference for anything else. A backend that cannot take a call (wrong device, dtype, missing extension)
-falls back to the reference implementation; the reason is recorded, never raised.
+falls back to the reference implementation; the reason is recorded, never raised, and a backend that was
+asked for by name and cannot run warns once (per op and reason).
+
+The override is per thread (a ContextVar): `with fastllm.backend(...)` in one thread does not change what
+another thread runs. Autograd may run a backward on another thread; the ops capture the backend in force at
+the forward and re-enter it for their backward (fastllm/_op.py).
 
 `with fastllm.explain() as log:` collects one `Dispatch` per op call; FASTLLM_DEBUG=1 logs each to
 stderr through the "fastllm" logger.
 """
 
 import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import dataclass
@@ -17,15 +23,25 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
 logger = logging.getLogger("fastllm")
-if os.environ.get("FASTLLM_DEBUG", "0") == "1" and not logger.handlers:
+
+
+def env_flag(name: str) -> bool:
+    """A 0/1 environment variable (unset or empty = 0); any other value raises, naming the variable."""
+    value = os.environ.get(name, "")
+    if value.strip() not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: accepted values are 0 and 1 (unset means 0)")
+    return value.strip() == "1"
+
+
+if env_flag("FASTLLM_DEBUG") and not logger.handlers:
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("[fastllm] %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(logging.DEBUG)
 
-# A process-wide stack, not thread-local: autograd may run backward on another thread, and the backward
-# ops must see the backend the user asked for.
-_override: list[str] = []
+# Per thread (and per asyncio task): the innermost `fastllm.backend(...)`, or None.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastllm_backend", default=None)
+# explain() logs are process-wide on purpose: a backward run by autograd on another thread is recorded too.
 _listeners: list[list["Dispatch"]] = []
 
 
@@ -37,8 +53,9 @@ def _check_name(name: str, source: str) -> str:
 
 def get_backend() -> str:
     """The backend requested now: the innermost `fastllm.backend(...)`, else FASTLLM_BACKEND, else auto."""
-    if _override:
-        return _override[-1]
+    name = _override.get()
+    if name is not None:
+        return name
     env = os.environ.get("FASTLLM_BACKEND", "")
     return _check_name(env, "FASTLLM_BACKEND") if env else "auto"
 
@@ -46,11 +63,11 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def backend(name: str):
     """Run the ops inside the block on `name` ("auto", "triton", "cpp" or "reference")."""
-    _override.append(_check_name(name, "fastllm.backend"))
+    token = _override.set(_check_name(name, "fastllm.backend"))
     try:
         yield
     finally:
-        _override.pop()
+        _override.reset(token)
 
 
 @dataclass(frozen=True)
@@ -94,3 +111,6 @@ def record(op: str, backend_name: str, reason: str, x) -> None:
     for records in _listeners:
         records.append(d)
     logger.debug("%s", d)
+
+
+get_backend()  # a bad FASTLLM_BACKEND fails at import, naming the variable, rather than at the first op call

@@ -17,6 +17,7 @@ string) or None; then the call goes to the reference and `fastllm.explain` shows
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,7 +84,17 @@ def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
                 detail = f"{'avx2' if isa == 'avx512' and not kernels[name].avx512 else isa} kernel"
             return name, kernels[name].run, detail
         reasons.append(f"{name}: {why}")
-    return "reference", None, "; ".join(reasons) or f"no fast kernel for {device} tensors"
+    reason = "; ".join(reasons) or f"no fast kernel for {device} tensors"
+    if wanted != "auto":
+        _warn_forced(wanted, reason)
+    return "reference", None, reason
+
+
+@functools.cache
+def _warn_forced(wanted: str, reason: str) -> None:
+    """A backend asked for by name that cannot run says so once per reason (not only in fastllm.explain)."""
+    warnings.warn(f"fastllm: backend {wanted!r} was requested but cannot run this call ({reason}); "
+                  "it runs on the reference path", RuntimeWarning, stacklevel=4)  # fmt: skip
 
 
 def define_op(
@@ -118,5 +129,15 @@ def define_op(
     op = torch.library.custom_op(f"fastllm::{name}", impl, mutates_args=(), schema=schema[len(name) :])
     op.register_fake(fake_impl)
     if backward is not None:
-        op.register_autograd(backward, setup_context=setup_context)
+        # The backend override is per thread; autograd may run the backward on another thread, so the backend
+        # in force at the forward is captured and re-entered for the backward ops.
+        def setup(ctx, inputs, output):
+            ctx.fastllm_backend = _backend.get_backend()
+            setup_context(ctx, inputs, output)
+
+        def bwd(ctx, *grads):
+            with _backend.backend(ctx.fastllm_backend):
+                return backward(ctx, *grads)
+
+        op.register_autograd(bwd, setup_context=setup)
     return getattr(torch.ops.fastllm, name).default

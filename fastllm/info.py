@@ -25,7 +25,7 @@ def _probes() -> dict:
             torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device),
         ),
         "linear": lambda x: fastllm.linear(x, x, activation="gelu"),
-        "fused_ffn": lambda x: fastllm.fused_ffn(x, x, None, x.t(), None),
+        "fused_ffn": lambda x: fastllm.fused_ffn(x, x, x.t()),
         "fused_gated_ffn": lambda x: fastllm.fused_gated_ffn(x, x, x, x.t()),
         "quantize_int8": lambda x: fastllm.quantize_int8(x),
         "int8_matmul": lambda x: fastllm.int8_matmul(

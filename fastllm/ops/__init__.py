@@ -2,7 +2,7 @@
 
 from fastllm.ops._pack import clear_weight_cache
 from fastllm.ops.attention import decode_attention, flash_attention, scaled_dot_product_attention
-from fastllm.ops.ffn import fused_ffn, fused_gated_ffn, linear
+from fastllm.ops.gemm import fused_ffn, fused_gated_ffn, linear
 from fastllm.ops.int8 import int8_matmul, quantize_int8, w8a16_linear
 from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 

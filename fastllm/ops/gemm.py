@@ -1,9 +1,11 @@
 """Linear layers with fused epilogues and the Transformer MLPs, forward and backward.
 
-    linear(x, weight, bias=None, activation=None, residual=None)   -> act(x W^T + b) + residual
-    fused_ffn(x, w1, b1, w2, b2, activation="gelu")                -> act(x W1^T + b1) W2^T + b2
-    fused_gated_ffn(x, w_gate, w_up, w_down, activation="silu", b_gate=None, b_up=None, b_down=None)
-                                                                   -> (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd
+    linear(x, weight, bias=None, *, activation=None, residual=None)      -> act(x W^T + b) + residual
+    fused_ffn(x, w1, w2, *, b1=None, b2=None, activation="gelu")         -> act(x W1^T + b1) W2^T + b2
+    fused_gated_ffn(x, w_gate, w_up, w_down, *, b_gate=None, b_up=None, b_down=None, activation="silu")
+                                                                         -> (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd
+
+Required weights are positional, optional biases and options keyword-only; None is "no activation".
 
 Weights in torch's nn.Linear layout (out_features, in_features), passed unchanged. x (..., in_features),
 fp32 / bf16 / fp16 (fp32 accumulation; float64 and anything a kernel cannot take run the reference).
@@ -11,9 +13,9 @@ Activations: gelu (erf), gelu_tanh, quick_gelu (x sigmoid(1.702 x), CLIP), relu,
 
 Ops underneath (torch.ops.fastllm.*):
     linear_fwd(x, w, b, residual, activation, save_pre)        -> (y, pre)   pre only when save_pre
-    ffn_fwd(x, w1, b1, w2, b2, activation, save_pre)           -> (y, pre)   pre = x W1^T + b1
-    gated_ffn_fwd(x, wg, wu, wd, bg, bu, bd, activation, save_pre) -> (y, g, u)
-    matmul_ex(a, b, aux, aux2, mode, activation)               -> (c, c2)    the backward's GEMMs:
+    fused_ffn_fwd(x, w1, b1, w2, b2, activation, save_pre)           -> (y, pre)   pre = x W1^T + b1
+    fused_gated_ffn_fwd(x, wg, wu, wd, bg, bu, bd, activation, save_pre) -> (y, g, u)
+    gemm_bwd(a, b, aux, aux2, mode, activation)               -> (c, c2)    the backward's GEMMs:
         mode "none":   c = a b;   "dact": c = (a b) * act'(aux);
         "dgated": c = (a b) * aux2 * act'(aux), c2 = (a b) * act(aux)   (aux = g, aux2 = u)
 
@@ -220,7 +222,7 @@ def _gated_check(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
 
 
 def _matmul_check(a, b, aux, aux2, mode, activation):
-    op = "matmul_ex"
+    op = "gemm_bwd"
     _check_float_tensor(op, "a", a, ref_arg="a")
     _check_float_tensor(op, "b", b, a, "a")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -403,8 +405,8 @@ def _matmul_fake(a, b, aux, aux2, mode, activation):
     return _new(M, N, like=a), (_new(M, N, like=a) if mode == "dgated" else _new(0, like=a))
 
 
-matmul_ex = define_op(
-    "matmul_ex(Tensor a, Tensor b, Tensor? aux, Tensor? aux2, str mode, str activation) -> (Tensor, Tensor)",
+gemm_bwd = define_op(
+    "gemm_bwd(Tensor a, Tensor b, Tensor? aux, Tensor? aux2, str mode, str activation) -> (Tensor, Tensor)",
     validate=_matmul_check,
     reference=matmul_ex_ref,
     fake=_matmul_fake,
@@ -414,7 +416,7 @@ matmul_ex = define_op(
 
 
 def _mm(a, b):
-    return matmul_ex(a, b, None, None, "none", "none")[0]
+    return gemm_bwd(a, b, None, None, "none", "none")[0]
 
 
 def _bias_grad(d, needed: bool):
@@ -469,15 +471,15 @@ def _ffn_backward(ctx, dy, _dpre):
         raise RuntimeError("fastllm.fused_ffn: the forward ran without saving its pre-activation (save_pre=False)")
     has_b1, has_b2 = ctx.flags
     need = ctx.needs_input_grad
-    dz = matmul_ex(dy, w2, pre, None, "dact", ctx.activation)[0]  # (dy W2) * act'(pre)
+    dz = gemm_bwd(dy, w2, pre, None, "dact", ctx.activation)[0]  # (dy W2) * act'(pre)
     dw2 = _mm(dy.t(), act_ref(ctx.activation, pre)) if need[3] else None
     dx = _mm(dz, w1) if need[0] else None
     dw1 = _mm(dz.t(), x) if need[1] else None
     return dx, dw1, _bias_grad(dz, has_b1 and need[2]), dw2, _bias_grad(dy, has_b2 and need[4]), None, None
 
 
-ffn_fwd = define_op(
-    "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_pre)"
+fused_ffn_fwd = define_op(
+    "fused_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_pre)"
     " -> (Tensor, Tensor)",
     validate=_ffn_check,
     reference=ffn_ref,
@@ -502,7 +504,7 @@ def _gated_backward(ctx, dy, _dg, _du):
         raise RuntimeError("fastllm.fused_gated_ffn: the forward ran without saving g and u (save_pre=False)")
     has_bg, has_bu, has_bd = ctx.flags
     need = ctx.needs_input_grad
-    dg, du = matmul_ex(dy, wd, g, u, "dgated", ctx.activation)
+    dg, du = gemm_bwd(dy, wd, g, u, "dgated", ctx.activation)
     dwd = None
     if need[3]:
         h = (act_ref(ctx.activation, g.to(_ct(g))) * u).to(g.dtype)
@@ -516,8 +518,8 @@ def _gated_backward(ctx, dy, _dg, _du):
             _bias_grad(dy, has_bd and need[6]), None, None)  # fmt: skip
 
 
-gated_ffn_fwd = define_op(
-    "gated_ffn_fwd(Tensor x, Tensor wg, Tensor wu, Tensor wd, Tensor? bg, Tensor? bu, Tensor? bd, str activation,"
+fused_gated_ffn_fwd = define_op(
+    "fused_gated_ffn_fwd(Tensor x, Tensor wg, Tensor wu, Tensor wd, Tensor? bg, Tensor? bu, Tensor? bd, str activation,"
     " bool save_pre) -> (Tensor, Tensor, Tensor)",
     validate=_gated_check,
     reference=gated_ffn_ref,
@@ -545,17 +547,21 @@ def _flat(op: str, x):
 
 
 def _act_arg(op: str, activation, allow_none: bool):
+    """The public spelling of "no activation" is None; the torch ops spell it "none"."""
     if activation is None and allow_none:
         return "none"
-    _check_activation(op, activation, allow_none)
+    if activation == "none":
+        hint = "pass activation=None for no activation" if allow_none else "an MLP needs an activation"
+        raise ValueError(f"{op}: activation 'none' is not accepted ({hint}); accepted: {', '.join(ACTIVATIONS)}")
+    _check_activation(op, activation, False)
     return activation
 
 
-def linear(x, weight, bias=None, activation=None, residual=None) -> torch.Tensor:
+def linear(x, weight, bias=None, *, activation=None, residual=None) -> torch.Tensor:
     """act(x @ weight.T + bias) + residual in one GEMM with a fused epilogue; weight (out, in) as nn.Linear.
 
-    activation: None, "gelu", "gelu_tanh", "quick_gelu", "relu" or "silu". residual: (..., out) added after
-    the activation (the residual stream of a block's output projection).
+    activation: None (no activation), "gelu", "gelu_tanh", "quick_gelu", "relu" or "silu". residual: (..., out)
+    added after the activation (the residual stream of a block's output projection).
     """
     op = "linear"
     x2 = _flat(op, x)
@@ -573,18 +579,19 @@ def linear(x, weight, bias=None, activation=None, residual=None) -> torch.Tensor
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def fused_ffn(x, w1, b1=None, w2=None, b2=None, activation: str = "gelu") -> torch.Tensor:
+def fused_ffn(x, w1, w2, *, b1=None, b2=None, activation: str = "gelu") -> torch.Tensor:
     """The GPT-2 / BERT / ViT / CLIP MLP: act(x W1^T + b1) W2^T + b2 (biases optional)."""
     op = "fused_ffn"
     x2 = _flat(op, x)
+    check_tensor(op, "w1", w1)
     check_tensor(op, "w2", w2)
     act = _act_arg(op, activation, False)
-    y, _ = ffn_fwd(x2, w1, b1, w2, b2, act, _needs_grad(x, w1, b1, w2, b2))
+    y, _ = fused_ffn_fwd(x2, w1, b1, w2, b2, act, _needs_grad(x, w1, b1, w2, b2))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def fused_gated_ffn(x, w_gate, w_up, w_down, activation: str = "silu", b_gate=None, b_up=None,
-                    b_down=None) -> torch.Tensor:  # fmt: skip
+def fused_gated_ffn(x, w_gate, w_up, w_down, *, b_gate=None, b_up=None, b_down=None,
+                    activation: str = "silu") -> torch.Tensor:  # fmt: skip
     """The Llama MLP: (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd; silu = SwiGLU, gelu / gelu_tanh = GeGLU.
 
     The gate and up projections are one GEMM whose register tile holds a gate tile and the matching up tile,
@@ -592,7 +599,9 @@ def fused_gated_ffn(x, w_gate, w_up, w_down, activation: str = "silu", b_gate=No
     """
     op = "fused_gated_ffn"
     x2 = _flat(op, x)
+    for arg, t in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        check_tensor(op, arg, t)
     act = _act_arg(op, activation, False)
     save = _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    y, _, _ = gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down, act, save)
+    y, _, _ = fused_gated_ffn_fwd(x2, w_gate, w_up, w_down, b_gate, b_up, b_down, act, save)
     return y.view(*x.shape[:-1], y.shape[-1])

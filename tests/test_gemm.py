@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastllm
 import fastllm._ext
 from fastllm.ops import _pack
-from fastllm.ops import ffn as L
+from fastllm.ops import gemm as L
 from fastllm.testing import assert_equivalent, saved_activation_bytes
 
 ACTS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
@@ -103,7 +103,7 @@ def test_linear_residual_and_batch_dims(gemm_isa, dtype):
 @pytest.mark.parametrize("T", [1, 3, 64, 257])
 def test_ffn_odd(gemm_isa, T, act, dtype):
     _check_all(
-        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation=act),
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, w2, b1=b1, b2=b2, activation=act),
         lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, act),
         [(T, 100), (333, 100), (333,), (100, 333), (100,)],
         ["x", "w1", "b1", "w2", "b2"],
@@ -115,7 +115,7 @@ def test_ffn_odd(gemm_isa, T, act, dtype):
 @pytest.mark.parametrize("T", [1, 64, 257])
 def test_ffn_bert_size(T, dtype):
     _check_all(
-        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2),
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, w2, b1=b1, b2=b2),
         lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, "gelu"),
         [(T, 768), (3072, 768), (3072,), (768, 3072), (768,)],
         ["x", "w1", "b1", "w2", "b2"],
@@ -150,7 +150,9 @@ def test_gated_smollm_size(T, dtype):
 
 def test_gated_biases(gemm_isa):
     _check_all(
-        lambda x, wg, wu, wd, bg, bu, bd: fastllm.fused_gated_ffn(x, wg, wu, wd, "gelu", bg, bu, bd),
+        lambda x, wg, wu, wd, bg, bu, bd: fastllm.fused_gated_ffn(
+            x, wg, wu, wd, b_gate=bg, b_up=bu, b_down=bd, activation="gelu"
+        ),
         lambda x, wg, wu, wd, bg, bu, bd: eager_gated(x, wg, wu, wd, "gelu", bg, bu, bd),
         [(9, 40), (21, 40), (21, 40), (13, 21), (21,), (21,), (13,)],
         ["x", "wg", "wu", "wd", "bg", "bu", "bd"],
@@ -160,7 +162,7 @@ def test_gated_biases(gemm_isa):
 
 def test_fp16_ffn(gemm_isa):
     _check_all(
-        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, b1, w2, b2, activation="quick_gelu"),
+        lambda x, w1, b1, w2, b2: fastllm.fused_ffn(x, w1, w2, b1=b1, b2=b2, activation="quick_gelu"),
         lambda x, w1, b1, w2, b2: eager_ffn(x, w1, b1, w2, b2, "quick_gelu"),
         [(17, 64), (100, 64), (100,), (64, 100), (64,)],
         ["x", "w1", "b1", "w2", "b2"],
@@ -188,7 +190,7 @@ def test_float64_runs_reference():
 def test_zero_tokens_and_zero_features():
     w1, w2 = torch.randn(16, 8), torch.randn(8, 16)
     x = torch.randn(0, 8, requires_grad=True)
-    y = fastllm.fused_ffn(x, w1, None, w2, None)
+    y = fastllm.fused_ffn(x, w1, w2)
     assert y.shape == (0, 8)
     y.sum().backward()
     assert x.grad.shape == (0, 8)
@@ -254,7 +256,7 @@ def test_saved_activation_memory():
     assert ours == 2 * T * n_mid * 4  # g and u only
     assert ours <= 0.7 * eager, (ours, eager)
     w1, w2 = torch.randn(n_mid, d, requires_grad=True), torch.randn(d, n_mid, requires_grad=True)
-    ours = saved_activation_bytes(lambda *a: fastllm.fused_ffn(*a, None, activation="gelu"), x, w1, None, w2)
+    ours = saved_activation_bytes(lambda *a: fastllm.fused_ffn(*a, activation="gelu"), x, w1, w2)
     eager = saved_activation_bytes(lambda x, w1, w2: eager_ffn(x, w1, None, w2, None, "gelu"), x, w1, w2)
     assert ours == T * n_mid * 4 and ours <= 0.7 * eager, (ours, eager)
 
@@ -262,9 +264,9 @@ def test_saved_activation_memory():
 def test_no_saved_pre_activation_without_grad():
     x, w1, w2 = torch.randn(8, 16), torch.randn(32, 16), torch.randn(16, 32)
     with fastllm.explain() as log:
-        fastllm.fused_ffn(x, w1, None, w2, None)
-    assert log[-1].op == "ffn_fwd"
-    _, pre = torch.ops.fastllm.ffn_fwd(x, w1, None, w2, None, "gelu", False)
+        fastllm.fused_ffn(x, w1, w2)
+    assert log[-1].op == "fused_ffn_fwd"
+    _, pre = torch.ops.fastllm.fused_ffn_fwd(x, w1, None, w2, None, "gelu", False)
     assert pre.numel() == 0
 
 
@@ -274,14 +276,17 @@ def test_opcheck():
     w2, b2 = torch.randn(7, 20, requires_grad=True), torch.randn(7, requires_grad=True)
     r = torch.randn(5, 20, requires_grad=True)
     torch.library.opcheck(torch.ops.fastllm.linear_fwd, (x, w1, b1, r, "gelu", True))
-    torch.library.opcheck(torch.ops.fastllm.ffn_fwd, (x, w1, b1, w2, b2, "silu", True))
+    torch.library.opcheck(torch.ops.fastllm.fused_ffn_fwd, (x, w1, b1, w2, b2, "silu", True))
     w2 = torch.randn(20, 12, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastllm.gated_ffn_fwd, (x, w1, w2, torch.randn(7, 20), None, b1, b2, "silu", True))
+    torch.library.opcheck(
+        torch.ops.fastllm.fused_gated_ffn_fwd, (x, w1, w2, torch.randn(7, 20), None, b1, b2, "silu", True)
+    )
     a, b, aux = torch.randn(6, 5), torch.randn(5, 9), torch.randn(6, 9)
-    torch.library.opcheck(torch.ops.fastllm.matmul_ex, (a, b, aux, aux, "dgated", "gelu"))
+    torch.library.opcheck(torch.ops.fastllm.gemm_bwd, (a, b, aux, aux, "dgated", "gelu"))
 
 
 def test_torch_compile_fullgraph():
+    """Compiled fastllm (fullgraph) against the float64 reference, with eager torch in fp32 as the bar."""
     torch._dynamo.reset()
     mlp = fastllm.nn.FusedGatedFFN(32, 48)
     ffn = fastllm.nn.FusedFFN(32, 40, activation="gelu_tanh")
@@ -289,12 +294,21 @@ def test_torch_compile_fullgraph():
     def f(x):
         return ffn(mlp(x)) + fastllm.linear(x, ffn.fc1.weight[:32], activation="relu")
 
-    x = torch.randn(3, 7, 32, requires_grad=True)
-    compiled = torch.compile(f, fullgraph=True)
-    y = compiled(x)
-    torch.testing.assert_close(y, f(x), rtol=1e-5, atol=1e-5)
-    y.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    def eager(x, dt):
+        p = {k: v.detach().to(dt) for k, v in {**mlp.state_dict(), **ffn.state_dict()}.items()}
+        h = eager_gated(x, p["gate_proj.weight"], p["up_proj.weight"], p["down_proj.weight"], "silu")
+        y = eager_ffn(h, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], "gelu_tanh")
+        return y + F.relu(F.linear(x, p["fc1.weight"][:32]))
+
+    x64 = torch.randn(3, 7, 32, dtype=torch.float64)
+    x, xe, xr = (x64.float().requires_grad_(), x64.float().requires_grad_(), x64.clone().requires_grad_())
+    y = torch.compile(f, fullgraph=True)(x)
+    ye, yr = eager(xe, torch.float32), eager(xr, torch.float64)
+    assert_equivalent(y, ye, yr, "compiled output")
+    dy = torch.randn_like(yr)
+    for out in (y, ye, yr):
+        out.backward(dy.to(out.dtype))
+    assert_equivalent(x.grad, xe.grad, xr.grad, "compiled grad x")
 
 
 def test_modules_match_hf_style_state_dicts():
@@ -321,8 +335,8 @@ def test_modules_match_hf_style_state_dicts():
 def test_reference_backend_matches():
     x, w1, w2 = torch.randn(9, 16), torch.randn(30, 16), torch.randn(16, 30)
     with fastllm.backend("reference"):
-        r = fastllm.fused_ffn(x, w1, None, w2, None, activation="silu")
-    torch.testing.assert_close(fastllm.fused_ffn(x, w1, None, w2, None, activation="silu"), r, rtol=1e-5, atol=1e-5)
+        r = fastllm.fused_ffn(x, w1, w2, activation="silu")
+    torch.testing.assert_close(fastllm.fused_ffn(x, w1, w2, activation="silu"), r, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +346,7 @@ def test_reference_backend_matches():
 def test_bad_inputs():
     x, w1, w2 = torch.randn(4, 8), torch.randn(16, 8), torch.randn(8, 16)
     with pytest.raises(ValueError, match="do not chain"):
-        fastllm.fused_ffn(x, w1, None, torch.randn(8, 15), None)
+        fastllm.fused_ffn(x, w1, torch.randn(8, 15))
     with pytest.raises(ValueError, match="one shape"):
         fastllm.fused_gated_ffn(x, w1, torch.randn(17, 8), w2)
     with pytest.raises(ValueError, match="do not chain"):
@@ -340,7 +354,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="in_features"):
         fastllm.linear(torch.randn(4, 9), w1)
     with pytest.raises(ValueError, match="accepted: gelu, gelu_tanh, quick_gelu, relu, silu"):
-        fastllm.fused_ffn(x, w1, None, w2, None, activation="swish")
+        fastllm.fused_ffn(x, w1, w2, activation="swish")
     with pytest.raises(ValueError, match="unknown activation"):
         fastllm.linear(x, w1, activation="tanh")
     with pytest.raises(TypeError, match="floating"):
@@ -354,9 +368,15 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="residual"):
         fastllm.linear(x, w1, residual=torch.randn(4, 3))
     with pytest.raises(TypeError, match="tensor"):
-        fastllm.fused_ffn(x, w1, None, None, None)
+        fastllm.fused_ffn(x, w1, None)
     with pytest.raises(ValueError, match="2-D"):
         fastllm.linear(x, torch.randn(16))
+    with pytest.raises(ValueError, match="activation=None"):
+        fastllm.linear(x, w1, activation="none")
+    with pytest.raises(ValueError, match="needs an activation"):
+        fastllm.fused_ffn(x, w1, w2, activation="none")
+    with pytest.raises(TypeError, match="positional"):
+        fastllm.fused_ffn(x, w1, w2, None, None)  # biases are keyword-only
 
 
 @pytest.mark.skipif(not L._op_triton_ready(), reason="needs triton with TRITON_INTERPRET=1 (or a GPU)")
@@ -373,7 +393,7 @@ def test_triton_backend_through_the_ops(dtype):
         )
         _check_all(
             lambda x, w1, b1, w2, b2, r: fastllm.linear(
-                fastllm.fused_ffn(x, w1, b1, w2, b2, activation="quick_gelu"), w2.t(), None, "silu", r
+                fastllm.fused_ffn(x, w1, w2, b1=b1, b2=b2, activation="quick_gelu"), w2.t(), activation="silu", residual=r
             ),
             lambda x, w1, b1, w2, b2, r: eager_linear(eager_ffn(x, w1, b1, w2, b2, "quick_gelu"), w2.t(), None,
                                                       "silu", r),

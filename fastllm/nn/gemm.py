@@ -5,7 +5,7 @@ CLIP's fc1 / fc2 map onto them), FusedGatedFFN has gate_proj / up_proj / down_pr
 
 from torch import nn
 
-from fastllm.ops.ffn import ACTIVATIONS, fused_ffn, fused_gated_ffn
+from fastllm.ops.gemm import ACTIVATIONS, fused_ffn, fused_gated_ffn
 
 
 def _check(name: str, activation: str) -> str:
@@ -26,7 +26,8 @@ class FusedFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **kw)
 
     def forward(self, x):
-        return fused_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
+        fc1, fc2 = self.fc1, self.fc2
+        return fused_ffn(x, fc1.weight, fc2.weight, b1=fc1.bias, b2=fc2.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
@@ -46,7 +47,9 @@ class FusedGatedFFN(nn.Module):
 
     def forward(self, x):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        return fused_gated_ffn(x, g.weight, u.weight, d.weight, self.activation, g.bias, u.bias, d.bias)
+        return fused_gated_ffn(
+            x, g.weight, u.weight, d.weight, b_gate=g.bias, b_up=u.bias, b_down=d.bias, activation=self.activation
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
