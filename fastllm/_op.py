@@ -45,9 +45,8 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(name: str, kernel: Kernel | None, device: str, args) -> str | None:
-    if kernel is None:
-        return f"no {name} kernel for this op"
+def _unavailable(name: str, device: str) -> str | None:
+    """Why backend `name` cannot run at all for `device` tensors in this process (not about one call's shapes)."""
     if name == "cpp":
         if device != "cpu":
             return f"the C++ kernels take CPU tensors, got {device}"
@@ -61,7 +60,13 @@ def _why_not(name: str, kernel: Kernel | None, device: str, args) -> str | None:
             return "Triton on CPU tensors needs TRITON_INTERPRET=1 (set before fastllm's kernels are imported)"
         if device not in ("cuda", "cpu"):
             return f"no Triton kernels for {device} tensors"
-    return kernel.unsupported(*args)
+    return None
+
+
+def _why_not(name: str, kernel: Kernel | None, device: str, args) -> str | None:
+    if kernel is None:
+        return f"no {name} kernel for this op"
+    return _unavailable(name, device) or kernel.unsupported(*args)
 
 
 def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
@@ -85,16 +90,17 @@ def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
             return name, kernels[name].run, detail
         reasons.append(f"{name}: {why}")
     reason = "; ".join(reasons) or f"no fast kernel for {device} tensors"
-    if wanted != "auto":
-        _warn_forced(wanted, reason)
+    if wanted != "auto" and _unavailable(wanted, device):
+        _warn_forced(wanted, device, _unavailable(wanted, device))
     return "reference", None, reason
 
 
 @functools.cache
-def _warn_forced(wanted: str, reason: str) -> None:
-    """A backend asked for by name that cannot run says so once per reason (not only in fastllm.explain)."""
-    warnings.warn(f"fastllm: backend {wanted!r} was requested but cannot run this call ({reason}); "
-                  "it runs on the reference path", RuntimeWarning, stacklevel=4)  # fmt: skip
+def _warn_forced(wanted: str, device: str, why: str) -> None:
+    """A backend asked for by name that cannot run here says so once (not only in fastllm.explain). A call whose
+    shape or dtype one kernel does not take (float64, head_dim > 256, empty) is recorded by explain only."""
+    warnings.warn(f"fastllm: backend {wanted!r} was requested but cannot run {device} tensors here ({why}); "
+                  "the ops run on the reference path", RuntimeWarning, stacklevel=4)  # fmt: skip
 
 
 def define_op(

@@ -47,6 +47,34 @@ def _seed():
     torch.manual_seed(0)
 
 
+def backend_missing(name: str) -> str | None:
+    """Why backend `name` cannot run CPU tensors in this process (None if it can). Tests of a backend skip with
+    this reason rather than pass on another path."""
+    if name == "cpp" and fastllm._ext.C is None:
+        return f"C++ extension not loaded ({fastllm._ext.STATUS})"
+    if name == "triton":
+        from fastllm._op import triton_interpret, triton_missing
+
+        if triton_missing():
+            return triton_missing()
+        if not (torch.cuda.is_available() or triton_interpret()):
+            return "Triton on CPU needs TRITON_INTERPRET=1"
+    return None
+
+
+@pytest.fixture
+def need_backend():
+    """need_backend("cpp") skips the test (with the reason) when that backend cannot run here."""
+
+    def need(name: str) -> str:
+        why = backend_missing(name)
+        if why:
+            pytest.skip(why)
+        return name
+
+    return need
+
+
 @pytest.fixture(params=["avx2", "scalar"])
 def cpu_isa(request):
     """Run a test on each ISA path of the C++ kernels (skipping only a path this CPU cannot run)."""

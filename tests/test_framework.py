@@ -1,7 +1,10 @@
 """The op framework: backend selection, explain/debug logging, the extension fallback, the info CLI."""
 
+import os
 import subprocess
 import sys
+import textwrap
+import threading
 
 import pytest
 import torch
@@ -86,3 +89,47 @@ def test_no_torch_headers_in_cpp():
     for f in sources:
         assert "#include <torch" not in f.read_text(), f
         assert "#include <ATen" not in f.read_text(), f
+
+
+def test_forced_backend_that_cannot_run_warns_once():
+    """`with fastllm.backend("triton")` on CPU tensors without the interpreter runs the reference and says so."""
+    code = textwrap.dedent("""
+        import warnings, torch, fastllm
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as w, fastllm.backend("triton"), fastllm.explain() as log:
+            for _ in range(3):
+                fastllm.layer_norm(torch.randn(2, 8))
+        msgs = [str(x.message) for x in w if "was requested" in str(x.message)]
+        assert len(msgs) == 1 and "TRITON_INTERPRET" in msgs[0], msgs
+        assert {d.backend for d in log} == {"reference"}
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_backend_override_is_per_thread_and_reaches_the_backward():
+    seen = {}
+
+    def worker():
+        seen["thread"] = fastllm.get_backend()
+
+    with fastllm.backend("reference"):
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        x = torch.randn(3, 16, requires_grad=True)
+        y = fastllm.layer_norm(x)
+    assert seen["thread"] == fastllm.get_backend() == "auto"
+    with fastllm.explain() as log:
+        y.sum().backward()  # outside the block: the backward still runs on the backend of the forward
+    assert log and {d.backend for d in log} == {"reference"}, [str(d) for d in log]
+
+
+def test_bad_backend_env_raises_naming_the_variable():
+    for var, value in (("FASTLLM_BACKEND", "cuda"), ("FASTLLM_DEBUG", "yes")):
+        env = {**os.environ, var: value}
+        r = subprocess.run([sys.executable, "-c", "import fastllm"], capture_output=True, text=True, env=env,
+                           timeout=120)  # fmt: skip
+        assert r.returncode != 0 and var in r.stderr, (var, r.stderr[-500:])

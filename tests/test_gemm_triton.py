@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastllm.ops.gemm import act_ref as act
 from fastllm.testing import assert_equivalent
 
 pytest.importorskip("triton")
@@ -33,21 +34,6 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 
 def rand(*shape, dtype=F32):
     return torch.randn(*shape, dtype=dtype, device=DEVICE)
-
-
-def act(name, t):
-    """The activation as a PyTorch user writes it (in t's dtype; float64 for the reference)."""
-    if name == "gelu":
-        return F.gelu(t)
-    if name == "gelu_tanh":
-        return F.gelu(t, approximate="tanh")
-    if name == "quick_gelu":
-        return t * torch.sigmoid(1.702 * t)
-    if name == "relu":
-        return F.relu(t)
-    if name == "silu":
-        return F.silu(t)
-    return t
 
 
 def d64(t):

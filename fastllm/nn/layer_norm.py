@@ -1,6 +1,6 @@
 """LayerNorm / RMSNorm modules: drop-in for torch.nn.LayerNorm / torch.nn.RMSNorm (same arguments, same
-parameters and state-dict keys), running fastllm's fused ops. `forward(x, residual)` returns
-(norm(x + residual), x + residual) from one fused kernel, for pre-norm blocks.
+parameters and state-dict keys), running fastllm's fused ops. `forward(x)` returns a tensor, as torch's;
+`add_forward(x, residual)` returns (norm(x + residual), x + residual) from one fused kernel, for pre-norm blocks.
 """
 
 import math
@@ -53,10 +53,13 @@ class LayerNorm(_Norm):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._param(self.weight), self._param(self.bias)
-        if residual is None:
-            return layer_norm(self._flat(x), w, b, self.eps).view(x.shape)
+        return layer_norm(self._flat(x), w, b, self.eps).view(x.shape)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), one pass."""
+        w, b = self._param(self.weight), self._param(self.bias)
         out, h = add_layer_norm(self._flat(x), self._flat(residual), w, b, self.eps)
         return out.view(x.shape), h.view(x.shape)
 
@@ -75,10 +78,13 @@ class RMSNorm(_Norm):
         else:
             self.register_parameter("weight", None)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        w = self._param(self.weight)
-        if residual is None:
-            return rms_norm(self._flat(x), w, eps).view(x.shape)
-        out, h = add_rms_norm(self._flat(x), self._flat(residual), w, eps)
+    def _eps(self, x: torch.Tensor) -> float:
+        return self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(self._flat(x), self._param(self.weight), self._eps(x)).view(x.shape)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), one pass."""
+        out, h = add_rms_norm(self._flat(x), self._flat(residual), self._param(self.weight), self._eps(x))
         return out.view(x.shape), h.view(x.shape)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from fastllm import _ext
 from fastllm._op import Kernel, define_op
 from fastllm.ops import _pack
-from fastllm.ops._common import FLOAT_DTYPES, KERNEL_DTYPES, as_rows, check_tensor
+from fastllm.ops._common import KERNEL_DTYPES, as_rows, check_float, check_like, check_tensor
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 _ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5}
@@ -139,13 +139,9 @@ def _check_float_tensor(op: str, arg: str, t, ref=None, ref_arg: str = "x", opti
     check_tensor(op, arg, t, optional=optional)
     if t is None:
         return
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {arg} must be a floating tensor (float32, bfloat16, float16, float64), got {t.dtype}")
+    check_float(op, arg, t)
     if ref is not None:
-        if t.device != ref.device:
-            raise ValueError(f"{op}: {arg} is on {t.device} but {ref_arg} is on {ref.device}; use one device")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {arg} has dtype {t.dtype} but {ref_arg} has {ref.dtype}; pass one dtype")
+        check_like(op, arg, t, ref_arg, ref)
 
 
 def _check_weight(op: str, arg: str, w, x, in_features: int) -> None:
@@ -405,13 +401,20 @@ def _matmul_fake(a, b, aux, aux2, mode, activation):
     return _new(M, N, like=a), (_new(M, N, like=a) if mode == "dgated" else _new(0, like=a))
 
 
-gemm_bwd = define_op(
+def _gemm_op(schema, validate, reference, fake, cpp, triton, backward=None, setup_context=None):
+    """The four ops of this family share their unsupported-checks (dtype only) and have AVX-512 kernels."""
+    return define_op(schema, validate=validate, reference=reference, fake=fake,
+                     cpp=Kernel(cpp, _cpp_unsupported, avx512=True), triton=Kernel(triton, _triton_unsupported),
+                     backward=backward, setup_context=setup_context)  # fmt: skip
+
+
+gemm_bwd = _gemm_op(
     "gemm_bwd(Tensor a, Tensor b, Tensor? aux, Tensor? aux2, str mode, str activation) -> (Tensor, Tensor)",
-    validate=_matmul_check,
-    reference=matmul_ex_ref,
-    fake=_matmul_fake,
-    cpp=Kernel(_matmul_cpp, _cpp_unsupported, avx512=True),
-    triton=Kernel(_matmul_triton, _triton_unsupported),
+    _matmul_check,
+    matmul_ex_ref,
+    _matmul_fake,
+    _matmul_cpp,
+    _matmul_triton,
 )
 
 
@@ -446,15 +449,15 @@ def _linear_backward(ctx, dy, _dpre):
     return dx, dw, db, dres, None, None
 
 
-linear_fwd = define_op(
+linear_fwd = _gemm_op(
     "linear_fwd(Tensor x, Tensor w, Tensor? b, Tensor? residual, str activation, bool save_pre) -> (Tensor, Tensor)",
-    validate=_linear_check,
-    reference=linear_ref,
-    fake=_linear_fake,
-    cpp=Kernel(_linear_cpp, _cpp_unsupported, avx512=True),
-    triton=Kernel(_linear_triton, _triton_unsupported),
-    backward=_linear_backward,
-    setup_context=_linear_setup,
+    _linear_check,
+    linear_ref,
+    _linear_fake,
+    _linear_cpp,
+    _linear_triton,
+    _linear_backward,
+    _linear_setup,
 )
 
 
@@ -478,16 +481,16 @@ def _ffn_backward(ctx, dy, _dpre):
     return dx, dw1, _bias_grad(dz, has_b1 and need[2]), dw2, _bias_grad(dy, has_b2 and need[4]), None, None
 
 
-fused_ffn_fwd = define_op(
+fused_ffn_fwd = _gemm_op(
     "fused_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str activation, bool save_pre)"
     " -> (Tensor, Tensor)",
-    validate=_ffn_check,
-    reference=ffn_ref,
-    fake=_ffn_fake,
-    cpp=Kernel(_ffn_cpp, _cpp_unsupported, avx512=True),
-    triton=Kernel(_ffn_triton, _triton_unsupported),
-    backward=_ffn_backward,
-    setup_context=_ffn_setup,
+    _ffn_check,
+    ffn_ref,
+    _ffn_fake,
+    _ffn_cpp,
+    _ffn_triton,
+    _ffn_backward,
+    _ffn_setup,
 )
 
 
@@ -518,16 +521,16 @@ def _gated_backward(ctx, dy, _dg, _du):
             _bias_grad(dy, has_bd and need[6]), None, None)  # fmt: skip
 
 
-fused_gated_ffn_fwd = define_op(
+fused_gated_ffn_fwd = _gemm_op(
     "fused_gated_ffn_fwd(Tensor x, Tensor wg, Tensor wu, Tensor wd, Tensor? bg, Tensor? bu, Tensor? bd, str activation,"
     " bool save_pre) -> (Tensor, Tensor, Tensor)",
-    validate=_gated_check,
-    reference=gated_ffn_ref,
-    fake=_gated_fake,
-    cpp=Kernel(_gated_cpp, _cpp_unsupported, avx512=True),
-    triton=Kernel(_gated_triton, _triton_unsupported),
-    backward=_gated_backward,
-    setup_context=_gated_setup,
+    _gated_check,
+    gated_ffn_ref,
+    _gated_fake,
+    _gated_cpp,
+    _gated_triton,
+    _gated_backward,
+    _gated_setup,
 )
 
 

@@ -59,6 +59,12 @@ inline __m256 phi_ps(__m256 x, __m256* gauss) {
   return _mm256_blendv_ps(large, small, _mm256_cmp_ps(at, splat(1.f), _CMP_LE_OQ));
 }
 
+// x * sigmoid(k x) is NaN at x = -inf in torch (x / (1 + exp(-k x)) = -inf / inf); exp2_ps saturates instead, so
+// without this the product would be -inf. NaN inputs stay NaN through the arithmetic.
+inline __m256 neg_inf_to_nan(__m256 x, __m256 r) {
+  return _mm256_blendv_ps(r, splat(__builtin_nanf("")), _mm256_cmp_ps(x, splat(-__builtin_inff()), _CMP_EQ_OQ));
+}
+
 inline __m256 act_ps(int act, __m256 x) {
   switch (act) {
     case kActGelu: {
@@ -68,11 +74,11 @@ inline __m256 act_ps(int act, __m256 x) {
     case kActGeluTanh: {
       const __m256 x2 = _mm256_mul_ps(x, x);
       const __m256 z2 = _mm256_mul_ps(x, _mm256_fmadd_ps(splat(0.0713548162726f), x2, splat(1.5957691216057308f)));
-      return _mm256_mul_ps(x, sigmoid_ps(z2));
+      return neg_inf_to_nan(x, _mm256_mul_ps(x, sigmoid_ps(z2)));
     }
-    case kActQuickGelu: return _mm256_mul_ps(x, sigmoid_ps(_mm256_mul_ps(x, splat(1.702f))));
+    case kActQuickGelu: return neg_inf_to_nan(x, _mm256_mul_ps(x, sigmoid_ps(_mm256_mul_ps(x, splat(1.702f)))));
     case kActRelu: return _mm256_max_ps(_mm256_setzero_ps(), x);  // NaN stays NaN (second operand)
-    case kActSilu: return _mm256_mul_ps(x, sigmoid_ps(x));
+    case kActSilu: return neg_inf_to_nan(x, _mm256_mul_ps(x, sigmoid_ps(x)));
     default: return x;
   }
 }
@@ -173,14 +179,12 @@ inline void epilogue_t(const Gemm& g, const float* tile, int64_t ldt, int64_t m,
   }
 }
 
-// The Ops::epilogue of the AVX2 and AVX-512 paths: dispatch on the epilogue tensors' dtype.
-inline void epilogue_any(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-  switch (g.c_dt) {
-    case kBF16: return epilogue_t<BF16s>(g, tile, ldt, m, rows, p);
-    case kF16: return epilogue_t<F16s>(g, tile, ldt, m, rows, p);
-    default: return epilogue_t<F32s>(g, tile, ldt, m, rows, p);
+// The Ops::epilogue of the AVX2 and AVX-512 paths (an Ops derives from it): dispatch on the epilogue dtype.
+struct VecEpilogue {
+  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+    with_float_dtype(g.c_dt, [&](auto s) { epilogue_t<decltype(s)>(g, tile, ldt, m, rows, p); });
   }
-}
+};
 
 }  // namespace
 }  // namespace fastllm
