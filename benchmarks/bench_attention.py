@@ -4,8 +4,10 @@ explicit math attention (softmax(q k^T * scale) v with the (S, S) scores in memo
 
 CPU: B=1, H=12, S in {512, 1024, 2048, 4096}, D in {64, 128}, causal and not, fp32 and bf16, forward and
 forward+backward; decode: one new token against a full 8192-long cache, Hq=32, Hkv=8, D=128, B in {1, 8}
-(GB/s = the cache bytes read, against the copy ceiling). GPU: bf16, 16k tokens per batch (B * S = 16384),
-D in {64, 128} (H = 2048 / D), S from 1k to 16k, TFLOP/s.
+(GB/s = the cache bytes read, against the copy ceiling), against SDPA with enable_gqa ("eager"), SDPA on k/v
+expanded to Hq heads with repeat_interleave ("sdpa-expand", what HF's repeat_kv does) and, for bf16, torch's
+fp32 SDPA on upcast inputs ("sdpa-fp32"), each of which torch may run faster than the eager call. GPU: bf16,
+16k tokens per batch (B * S = 16384), D in {64, 128} (H = 2048 / D), S from 1k to 16k, TFLOP/s.
 
 FLOPs: forward 4 * B * H * S^2 * D (halved when causal); forward+backward 3.5x that (FlashAttention's
 convention: the backward is 2.5 forwards).
@@ -14,7 +16,7 @@ convention: the backward is 2.5 forwards).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
+from conftest import cases, devices, dtype_name
 from harness import Case
 
 import fastllm
@@ -70,7 +72,8 @@ def make_case(device, dtype, B, H, S, D, causal, backward):
         reference = _fwd_bwd(reference)
         flops = int(3.5 * flops)
     op = ("attention causal" if causal else "attention") + (" fwd+bwd" if backward else "")
-    return Case(op, (B, H, S, D), dtype, device, make_inputs, impls, reference, flops=flops)
+    names = ("out", "dq", "dk", "dv") if backward else ("out",)
+    return Case(op, (B, H, S, D), dtype, device, make_inputs, impls, reference, flops=flops, names=names)
 
 
 def make_decode_case(device, dtype, B):
@@ -89,13 +92,19 @@ def make_decode_case(device, dtype, B):
             lens[q.device] = torch.full((B,), S, dtype=torch.int32, device=q.device)
         return fastllm.decode_attention(q, kc, vc, lens[q.device])
 
-    impls = {
-        "fastllm": ours,
-        "eager": lambda q, kc, vc: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True),
-    }
+    def eager(q, kc, vc):
+        return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+
+    def expand(q, kc, vc):  # what HF's repeat_kv does: the kv heads copied out to Hq heads
+        g = Hq // Hkv
+        return F.scaled_dot_product_attention(q, kc.repeat_interleave(g, 1), vc.repeat_interleave(g, 1))
+
+    impls = {"fastllm": ours, "eager": eager, "sdpa-expand": expand}
+    if dtype != torch.float32:  # torch's fp32 kernels can beat its 16-bit ones: upcast, attend, cast back
+        impls["sdpa-fp32"] = lambda q, kc, vc: eager(q.float(), kc.float(), vc.float()).to(dtype)
     elem = torch.finfo(dtype).bits // 8
-    return Case("decode_attention", (B, Hq, Hkv, S, D), dtype, device, make_inputs, impls, impls["eager"],
-                bytes=2 * B * Hkv * S * D * elem)  # fmt: skip
+    return Case("decode_attention", (B, Hq, Hkv, S, D), dtype, device, make_inputs, impls, eager,
+                bytes=2 * B * Hkv * S * D * elem, names=("out",))  # fmt: skip
 
 
 def _params():
@@ -112,51 +121,36 @@ def _params():
                 for D in HEAD_DIMS:
                     for causal in (False, True):
                         out.append((device, torch.bfloat16, 16384 // S, 2048 // D, S, D, causal))
-    return out
+    return [(*p, backward) for backward in (False, True) for p in out]
 
 
 def _id(p):
-    device, dtype, B, H, S, D, causal = p
-    return f"{device}-{str(dtype).replace('torch.', '')}-B{B}H{H}S{S}D{D}-{'causal' if causal else 'full'}"
+    device, dtype, B, H, S, D, causal, backward = p
+    return (f"{device}-{dtype_name(dtype)}-B{B}H{H}S{S}D{D}-{'causal' if causal else 'full'}"
+            f"-{'fwdbwd' if backward else 'fwd'}")  # fmt: skip
 
 
-PARAMS = _params()
-_cases: dict = {}
+def _quick(p):
+    device, dtype, _, _, S, D, causal, backward = p
+    if device != "cpu":
+        return S == 1024 and D == 128 and causal
+    return S == 512 and D == 64 and (dtype, causal, backward) in {(torch.float32, True, False),
+                                                                 (torch.bfloat16, False, True)}  # fmt: skip
 
 
-def _case(p, backward):
-    key = (p, backward)
-    if key not in _cases:
-        _cases.clear()  # one case's inputs at a time (they rotate through up to 8 copies)
-        _cases[key] = make_case(*p, backward)
-    return _cases[key]
+@pytest.mark.parametrize("p", cases(_params(), _id, _quick))
+def bench_attention(benchmark, harness, p):
+    harness.run_case(benchmark, make_case(*p))
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "eager", "math"])
-@pytest.mark.parametrize("p", PARAMS, ids=_id)
-def bench_attention_forward(benchmark, harness, p, impl):
-    case = _case(p, False)
-    if impl not in case.impls:
-        pytest.skip(f"no {impl} row for this shape")
-    harness.run(benchmark, case, impl)
+def _decode_id(p):
+    device, dtype, B = p
+    return f"{device}-{dtype_name(dtype)}-B{B}"
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "eager", "math"])
-@pytest.mark.parametrize("p", PARAMS, ids=_id)
-def bench_attention_forward_backward(benchmark, harness, p, impl):
-    case = _case(p, True)
-    if impl not in case.impls:
-        pytest.skip(f"no {impl} row for this shape")
-    harness.run(benchmark, case, impl)
+_DECODE = [(device, dtype, B) for device in devices() for dtype in (torch.float32, torch.bfloat16) for B in (1, 8)]
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "eager"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B", [1, 8])
-@pytest.mark.parametrize("device", devices())
-def bench_decode_attention(benchmark, harness, device, B, dtype, impl):
-    key = ("decode", device, B, dtype)
-    if key not in _cases:
-        _cases.clear()
-        _cases[key] = make_decode_case(device, dtype, B)
-    harness.run(benchmark, _cases[key], impl)
+@pytest.mark.parametrize("p", cases(_DECODE, _decode_id, lambda p: p[1] == torch.bfloat16 and p[2] == 1))
+def bench_decode_attention(benchmark, harness, p):
+    harness.run_case(benchmark, make_decode_case(*p))

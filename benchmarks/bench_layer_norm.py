@@ -5,7 +5,7 @@ F.layer_norm, or the Llama/HF RMSNorm expression (fp32 math, cast back)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices
+from conftest import cases, devices, dtype_name
 from harness import Case
 
 import fastllm
@@ -44,10 +44,10 @@ def eager_fn(op):
 
 def fastllm_fn(op):
     return {
-        "layer_norm": lambda x, w, b: fastllm.layer_norm(x, w, b, 1e-5),
-        "add_layer_norm": lambda x, r, w, b: fastllm.add_layer_norm(x, r, w, b, 1e-5),
-        "rms_norm": lambda x, w: fastllm.rms_norm(x, w, 1e-6),
-        "add_rms_norm": lambda x, r, w: fastllm.add_rms_norm(x, r, w, 1e-6),
+        "layer_norm": lambda x, w, b: fastllm.layer_norm(x, weight=w, bias=b, eps=1e-5),
+        "add_layer_norm": lambda x, r, w, b: fastllm.add_layer_norm(x, r, weight=w, bias=b, eps=1e-5),
+        "rms_norm": lambda x, w: fastllm.rms_norm(x, weight=w, eps=1e-6),
+        "add_rms_norm": lambda x, r, w: fastllm.add_rms_norm(x, r, weight=w, eps=1e-6),
     }[op]
 
 
@@ -70,13 +70,15 @@ def make_case(op, shape, dtype, device, use_compile, backward=False):
     elem = torch.finfo(dtype).bits // 8
     streams = 4 if residual else 2  # x (+ r) in, out (+ h) out
     reference = eager
+    names = ("y", "h") if residual else ("y",)
     if backward:
         # forward, then backward with dy = ones: the backward reads h and dy and writes dx (+ small dw, db)
         streams += 3
         impls = {k: _fwd_bwd(f, residual) for k, f in impls.items()}
         reference = _fwd_bwd(eager, residual)
+        names = ("y", "dx") + (("dr",) if residual else ()) + (("dw",) if rms else ("dw", "db"))
     return Case(op + (" fwd+bwd" if backward else ""), shape, dtype, device, make_inputs, impls, reference,
-                bytes=streams * m * n * elem)  # fmt: skip
+                bytes=streams * m * n * elem, names=names)  # fmt: skip
 
 
 def _fwd_bwd(fn, residual):
@@ -90,33 +92,26 @@ def _fwd_bwd(fn, residual):
     return run
 
 
-IMPLS = ["fastllm", "eager", "torch.compile"]
+def _params():
+    fwd = [(device, op, shape, dtype, False) for device in devices() for op in OPS for shape in SHAPES
+           for dtype in DTYPES]  # fmt: skip
+    bwd = [(device, op, (2048, 4096), dtype, True) for device in devices() for op in ("add_layer_norm", "add_rms_norm")
+           for dtype in DTYPES]  # fmt: skip
+    return fwd + bwd
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("device", devices())
-def bench_norm_forward(benchmark, harness, use_compile, device, op, shape, dtype, impl):
-    if impl == "torch.compile" and not use_compile:
-        pytest.skip("--no-compile")
-    key = (op, shape, dtype, device, False)
-    if key not in _cases:
-        _cases[key] = make_case(op, shape, dtype, device, use_compile)
-    harness.run(benchmark, _cases[key], impl)
+def _id(p):
+    device, op, shape, dtype, backward = p
+    return f"{device}-{op}-{shape[0]}x{shape[1]}-{dtype_name(dtype)}-{'fwdbwd' if backward else 'fwd'}"
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "eager"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
-@pytest.mark.parametrize("device", devices())
-def bench_norm_forward_backward(benchmark, harness, device, op, dtype, impl):
-    shape = (2048, 4096)
-    key = (op, shape, dtype, device, True)
-    if key not in _cases:
-        _cases[key] = make_case(op, shape, dtype, device, False, True)
-    harness.run(benchmark, _cases[key], impl)
+def _quick(p):
+    _, op, shape, dtype, backward = p
+    return (op, shape, dtype, backward) in {("add_rms_norm", (4096, 768), torch.float32, False),
+                                            ("add_layer_norm", (2048, 4096), torch.bfloat16, True)}  # fmt: skip
 
 
-_cases: dict = {}
+@pytest.mark.parametrize("p", cases(_params(), _id, _quick))
+def bench_norm(benchmark, harness, use_compile, p):
+    device, op, shape, dtype, backward = p
+    harness.run_case(benchmark, make_case(op, shape, dtype, device, use_compile and not backward, backward))

@@ -1,17 +1,23 @@
-"""The benchmark harness shared by every suite: time fastllm against eager PyTorch (and torch.compile)
-in one process, measure this machine's ceilings, check each result against a float64 reference, and
-print one table (rows also as JSON).
+"""The benchmark harness shared by every suite: time fastllm against eager PyTorch and the strongest peers in one
+process, judge every output against a float64 reference, record what ran, and print one table (rows also as JSON).
 
-Timing: pytest-benchmark runs each implementation (warm-up rounds, then 25 rounds, or as few as 5 for calls
-slower than ROUND_BUDGET_S / 25; the median). Inputs
-rotate through enough copies that the working set of consecutive rounds exceeds twice the last-level
-cache, so nothing is timed from a warm cache. On CUDA each round ends with a synchronize.
+One pytest item per Case. For each case the harness
+1. calls every implementation once on the first input set, under `fastllm.explain()` (which fastllm backend and
+   ISA ran) and oneDNN's verbose mode (which torch library ran); a "fastllm..." implementation that ran the
+   reference path, or no fastllm op at all, fails the item;
+2. judges every output and gradient separately with fastllm.testing.judge_all (the 2x-eager criterion);
+   a fastllm output that fails it fails the item (after its row is recorded);
+3. times all implementations interleaved: pytest-benchmark's `pedantic` drives the rounds, and each round calls
+   every implementation once, in an order that rotates from round to round, each call timed on its own
+   (perf_counter, CUDA synchronize), so that load from other processes falls on all of them alike. Each call takes
+   the next input set: the sets rotate through enough copies that the working set between two uses of one set
+   exceeds twice the last-level cache (read from the system: machine.llc), so nothing is timed from a warm cache.
+   25 rounds (5 for slow cases; 3-7 with --bench-quick), per-implementation medians.
 
-Ceilings, measured here, not quoted: memory bandwidth = the best large copy (torch copy_, and on CPU the
-multi-threaded memcpy and non-temporal copy of fastllm._C), counting read + write bytes; compute = the best of an FMA
-loop (fastllm._C) and a large fp32 GEMM (CPU) or a bf16 GEMM (CUDA).
+Speedup is against eager (what users run); "vs best" against the fastest implementation that is not fastllm's.
 """
 
+import contextlib
 import json
 import math
 import statistics
@@ -19,13 +25,27 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import machine
+import pytest
 import torch
 
-import fastllm._ext
-from fastllm.testing import floor, max_abs_err
+import fastllm
+from fastllm.testing import judge_all, max_abs_err
 
-LLC_BYTES = 32 << 20  # last-level cache of the development machine (AMD EPYC, 32 MiB L3); H100 L2 is 50 MiB
-ROUND_BUDGET_S = 4.0  # rows whose call takes longer than ROUND_BUDGET_S / 25 get fewer rounds (>= 5)
+ROUND_BUDGET_S = 4.0  # timed seconds per implementation and case; slow cases get fewer rounds
+ROUNDS = (5, 25)  # (fewest, most) timed rounds
+QUICK_ROUNDS = (3, 7)
+QUICK_BUDGET_S = 0.5
+ONEDNN_GEMMS = ("matmul", "inner_product", "convolution")  # oneDNN primitive kinds that do a GEMM
+
+
+@dataclass
+class Impl:
+    """One implementation of a case. `context()` is entered around each call, outside the timed region (e.g. an
+    ISA switch, or an empty packed-weight cache so that the call includes packing)."""
+
+    fn: Callable
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 @dataclass
@@ -33,9 +53,16 @@ class Case:
     """One op at one shape/dtype/device, with its implementations and its float64 reference.
 
     make_inputs() -> a tuple of input tensors (fresh copies per rotation slot).
-    impls: name -> fn(*inputs) -> output tensor or tuple of tensors. "eager" is the baseline for speedup.
+    impls: name -> fn(*inputs) or Impl; fn returns an output tensor or a tuple of tensors. The impl named "eager"
+    (what a model runs today) is the speedup baseline and the criterion's eager; names starting with "fastllm" are
+    fastllm's and must run fastllm kernels.
     reference(*inputs) -> the same outputs computed in float64.
+    names: one name per output ("out", "dq", ...), for the verdicts.
+    prewarm: impls called once on every input set before the timed rounds (their packed-weight cache is filled).
+    reference_ok: fastllm impls that are expected to run the reference path (none in the suites).
     bytes / flops: what one call must move / compute, for GB/s and TFLOP/s.
+    criterion False: quantized cases, whose error against the float reference is the quantization error, not a
+    kernel's rounding (no verdict; the suite reports SQNR).
     """
 
     op: str
@@ -47,21 +74,24 @@ class Case:
     reference: Callable
     bytes: int = 0
     flops: int = 0
-    # False for quantized cases: their error against the float reference is the quantization error, not a
-    # kernel's rounding, so the 2x-eager criterion does not apply (equiv shows "-"; the suite reports SQNR)
     criterion: bool = True
+    names: tuple = ()
+    prewarm: tuple = ()
+    reference_ok: tuple = ()
     _inputs: list = field(default_factory=list, repr=False)
     _ref: tuple | None = field(default=None, repr=False)
 
-    @property
-    def key(self) -> tuple:
-        return (self.op, self.shape, str(self.dtype), self.device)
+    def __post_init__(self):
+        self.impls = {k: v if isinstance(v, Impl) else Impl(v) for k, v in self.impls.items()}
+        if "eager" not in self.impls:
+            raise ValueError(f"{self.op}: a case needs an 'eager' implementation (the baseline)")
 
     def inputs(self) -> list:
         if not self._inputs:
             first = self.make_inputs()
             per = sum(t.nbytes for t in first if isinstance(t, torch.Tensor))
-            copies = max(1, min(8, math.ceil(2 * LLC_BYTES / max(per, 1))))
+            llc_bytes = machine.llc(self.device)[0]
+            copies = max(1, min(32, math.ceil(2 * llc_bytes / per))) if per else 1
             self._inputs = [first] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in first)
                                       for _ in range(copies - 1)]  # fmt: skip
         return self._inputs
@@ -76,169 +106,239 @@ class Case:
 
 @dataclass
 class Row:
+    suite: str
     op: str
     shape: str
     dtype: str
     device: str
-    impl: str
+    impl: str  # "eager (oneDNN)" when torch ran oneDNN primitives
+    ran: str  # fastllm: backend:isa of every op call ("cpp:avx2"); torch: "torch" or "torch+oneDNN"
     median_us: float
-    speedup: float | None  # eager time / this time
-    gbps: float | None
-    tflops: float | None
-    pct_ceiling: float | None
-    max_err: float | None  # max |out - fp64 reference| over all outputs
-    equivalent: bool | None  # fastllm's criterion: err <= 2 * eager err + floor
+    rounds: int
+    max_err: float | None  # the worst output's max |out - fp64 reference|
+    worst: str  # that output's name
+    equivalent: bool | None  # every output meets the criterion (None: criterion does not apply)
+    outputs: list  # every output's verdict (asdict(Verdict)) or {"name", "max_err"}
+    dispatch: list  # the distinct fastllm dispatch records of the checked call, or the oneDNN primitives
+    speedup: float | None = None  # eager time / this time
+    vs_best: float | None = None  # fastest non-fastllm time / this time
+    gbps: float | None = None
+    tflops: float | None = None
+    pct_ceiling: float | None = None
+    flops: int = 0
+    bytes: int = 0
 
 
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def is_fastllm(impl: str) -> bool:
+    return impl.startswith("fastllm")
 
 
-# ---------------------------------------------------------------------------------------------- ceilings
-
-
-def _median_time(fn, device: str, reps: int = 15) -> float:
-    fn()
-    _sync(device)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def measure_ceilings(device: str) -> dict:
-    """{'copy_gbps', 'copy_how', 'peak_tflops', 'peak_how'} measured on this machine now."""
-    nbytes = 256 << 20 if device == "cpu" else 1 << 30
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copies = {"torch copy_": _median_time(lambda: dst.copy_(src), device)}
-    C = fastllm._ext.C
-    if device == "cpu" and C is not None:
-        nt = fastllm._ext.num_threads()
-        copies["parallel memcpy"] = _median_time(
-            lambda: C.copy_bytes(dst.data_ptr(), src.data_ptr(), nbytes, nt, False), device
-        )
-        copies["non-temporal copy"] = _median_time(
-            lambda: C.copy_bytes(dst.data_ptr(), src.data_ptr(), nbytes, nt, True), device
-        )
-    copy_how = min(copies, key=copies.get)
-    copy_gbps = 2 * nbytes / copies[copy_how] / 1e9
-
-    peaks = {}
-    if device == "cpu":
-        a = torch.randn(2048, 2048)
-        peaks["fp32 GEMM 2048^3 (MKL)"] = 2 * 2048**3 / _median_time(lambda: a @ a, device, reps=5) / 1e12
-        if C is not None and C.avx2_available():
-            iters, nt = 20_000_000, fastllm._ext.num_threads()
-            t = _median_time(lambda: C.fma_loop(iters, nt, True), device, reps=3)
-            peaks["AVX2 FMA loop"] = C.fma_loop(1, nt, True) * iters * nt / t / 1e12
-        if C is not None and C.avx512_available():
-            iters, nt = 10_000_000, fastllm._ext.num_threads()
-            t = _median_time(lambda: C.fma_loop_avx512(iters, nt), device, reps=3)
-            peaks["AVX-512 FMA loop"] = C.fma_loop_avx512(1, nt) * iters * nt / t / 1e12
-    else:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        peaks["bf16 GEMM 8192^3 (cuBLAS)"] = 2 * 8192**3 / _median_time(lambda: a @ a, device, reps=10) / 1e12
-    peak_how = max(peaks, key=peaks.get)
-    return {"copy_gbps": copy_gbps, "copy_how": copy_how, "peak_tflops": peaks[peak_how], "peak_how": peak_how}
-
-
-# ---------------------------------------------------------------------------------------------- running
+def _ran(records, onednn) -> str:
+    if records:
+        kinds = []
+        for d in records:
+            k = "reference" if d.backend == "reference" else f"{d.backend}:{d.reason.split()[0]}"
+            if k not in kinds:
+                kinds.append(k)
+        return ",".join(kinds)
+    return "torch+oneDNN" if onednn else "torch"
 
 
 class Harness:
-    def __init__(self):
+    def __init__(self, quick: bool = False):
+        self.quick = quick
         self.rows: list[Row] = []
-        self._ceilings: dict = {}
-        self._times: dict = {}  # (case key, impl) -> seconds
-        self._errs: dict = {}
-        self._criterion: dict = {}  # case key -> whether the equivalence criterion applies
+        self.before: dict = {}  # device -> ceilings measured before its first row
+        self.after: dict = {}  # device -> ceilings measured after the last row
 
     def ceilings(self, device: str) -> dict:
-        if device not in self._ceilings:
-            self._ceilings[device] = measure_ceilings(device)
-        return self._ceilings[device]
+        """The better of the two measurements (only `before` until the run ends)."""
+        b, a = self.before[device], self.after.get(device)
+        if a is None:
+            return b
+        return {k: max(b[k], a[k]) for k in ("copy_gbps", "peak_tflops")}
 
-    def run(self, benchmark, case: Case, impl: str) -> Row:
-        """Time case.impls[impl] with pytest-benchmark, check it against float64, record a row."""
-        fn = case.impls[impl]
-        self._criterion[case.key] = case.criterion
+    def remeasure(self) -> None:
+        """Measure every used device's ceilings again, after the last row."""
+        for device in self.before:
+            self.after[device] = machine.measure_ceilings(device, self.quick)
+
+    def noisy(self, device: str) -> bool:
+        return device in self.after and machine.drift(self.before[device], self.after[device]) > machine.NOISY_DRIFT
+
+    # ------------------------------------------------------------------------------------------ one case
+
+    def run_case(self, benchmark, case: Case) -> list[Row]:
+        if case.device not in self.before:
+            self.before[case.device] = machine.measure_ceilings(case.device, self.quick)
         slots = case.inputs()
-        state = {"i": 0}
-
-        def setup():
-            state["i"] = (state["i"] + 1) % len(slots)
-            return slots[state["i"]], {}
-
-        def target(*args):
-            out = fn(*args)
-            _sync(case.device)
-            return out
-
-        # error vs float64 on the first input set (also the warm-up / compile call)
-        outs = _as_tuple(fn(*slots[0]))
-        ref = case.reference_outputs()
-        err = max(max_abs_err(o, r) for o, r in zip(outs, ref, strict=True))
-        tol_floor = max(floor(o.dtype, r) for o, r in zip(outs, ref, strict=True))
-        self._errs[(case.key, impl)] = (err, tol_floor)
+        outs, ran, records, onednn = {}, {}, {}, {}
+        for name, impl in case.impls.items():  # the checked call: also the warm-up (and compile) call
+            probe = machine.onednn_primitives() if case.device == "cpu" else contextlib.nullcontext([])
+            with impl.context(), fastllm.explain() as log, probe as prims:
+                outs[name] = _as_tuple(impl.fn(*slots[0]))
+                machine.sync(case.device)
+            records[name], onednn[name] = list(log), prims
+            ran[name] = _ran(log, prims)
+        failures = [self._what_ran_failure(case, name, records[name]) for name in case.impls]
+        verdicts = self._judge(case, outs)
         del outs
+        for name in case.prewarm:
+            impl = case.impls[name]
+            for slot in slots[1:]:
+                with impl.context():
+                    impl.fn(*slot)
+        medians, rounds = self._time(benchmark, case)
 
-        # rounds: 25, fewer for slow calls (at least 5, about ROUND_BUDGET_S seconds of rounds per row)
-        t0 = time.perf_counter()
-        target(*slots[-1])
-        one = time.perf_counter() - t0
-        rounds = int(min(25, max(5, ROUND_BUDGET_S / max(one, 1e-9))))
+        suite = benchmark.fullname.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py").removeprefix("bench_")
+        rows = []
+        for name in case.impls:
+            vs = verdicts[name]
+            worst = max(vs, key=lambda v: (v.get("ok") is False, v["max_err"] / max(v.get("tol", 1.0), 1e-300)))
+            # "eager (oneDNN)" where torch ran its GEMMs on oneDNN (an oneDNN eltwise such as GELU does not count)
+            gemm = any(p.split()[0] in ONEDNN_GEMMS for p in onednn[name])
+            label = f"{name} (oneDNN)" if gemm and not is_fastllm(name) else name
+            dispatch = list(dict.fromkeys(str(d) for d in records[name])) or onednn[name]
+            equivalent = all(v["ok"] for v in vs) if case.criterion else None
+            rows.append(Row(suite, case.op, "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""),
+                            case.device, label, ran[name], medians[name] * 1e6, rounds, worst["max_err"],
+                            worst["name"], equivalent, vs, dispatch, flops=case.flops, bytes=case.bytes))  # fmt: skip
+            if is_fastllm(name) and equivalent is False:
+                bad = "; ".join(v["message"] for v in vs if not v["ok"])
+                failures.append(f"{name} is not equivalent to the float64 reference: {bad}")
+        self.rows.extend(rows)
+        failures = [f for f in failures if f]
+        if failures:
+            pytest.fail(f"{case.op} {case.shape} {case.dtype}:\n" + "\n".join(failures), pytrace=False)
+        return rows
+
+    @staticmethod
+    def _what_ran_failure(case: Case, name: str, records) -> str | None:
+        if not is_fastllm(name) or name in case.reference_ok:
+            return None
+        if not records:
+            return f"{name} called no fastllm op (the row would time something else under fastllm's name)"
+        ref = [str(d) for d in records if d.backend == "reference"]
+        if ref:
+            return f"{name} ran the reference path, not a fastllm kernel: " + "; ".join(dict.fromkeys(ref))
+        return None
+
+    @staticmethod
+    def _judge(case: Case, outs: dict) -> dict:
+        """impl -> one dict per output: the Verdict's fields, or only name and max_err without a criterion."""
+        ref = case.reference_outputs()
+        names = case.names or tuple(f"output {i}" for i in range(len(ref)))
+        if case.criterion:
+            judged = {k: [asdict(v) for v in judge_all(o, outs["eager"], ref, names)]
+                      for k, o in outs.items() if k != "eager" or len(outs) == 1}  # fmt: skip
+            # eager meets its own bar by definition (err <= 2 err + floor); judging a large output takes seconds
+            judged["eager"] = judged.get("eager") or [
+                {**v, "ok": True, "max_err": v["eager_err"], "rel_err": None, "rel_tol": None, "message": ""}
+                for v in next(iter(judged.values()))
+            ]
+            return judged
+        return {k: [{"name": n, "max_err": max_abs_err(x, r)} for x, r, n in zip(o, ref, names, strict=True)]
+                for k, o in outs.items()}  # fmt: skip
+
+    def _time(self, benchmark, case: Case) -> tuple[dict, int]:
+        """Interleaved rounds: per-implementation median seconds and the number of timed rounds."""
+        names, slots = list(case.impls), case.inputs()
+        times: dict = {k: [] for k in names}
+        state = {"round": 0, "call": 0}
+
+        def one_round():
+            r = state["round"]
+            state["round"] += 1
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]  # rotating order: no impl always runs right after another
+                impl = case.impls[name]
+                args = slots[state["call"] % len(slots)]
+                state["call"] += 1
+                with impl.context():
+                    machine.sync(case.device)
+                    t0 = time.perf_counter()
+                    out = impl.fn(*args)
+                    machine.sync(case.device)
+                    times[name].append(time.perf_counter() - t0)
+                del out  # freed outside the timed region
+
+        # one warm-up round, which also sizes the timed rounds (the checked call may have compiled)
+        one_round()
+        round_s = sum(v[0] for v in times.values())
+        for v in times.values():
+            v.clear()
+        lo, hi = QUICK_ROUNDS if self.quick else ROUNDS
+        budget = (QUICK_BUDGET_S if self.quick else ROUND_BUDGET_S) * len(names)
+        rounds = int(min(hi, max(lo, budget / max(round_s, 1e-9))))
         benchmark.group = f"{case.op} {case.shape} {str(case.dtype).replace('torch.', '')} {case.device}"
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1 if rounds < 25 else 3, iterations=1)
-        t = benchmark.stats.stats.median
-        self._times[(case.key, impl)] = t
-        ceil = self.ceilings(case.device)
-        gbps = case.bytes / t / 1e9 if case.bytes else None
-        tflops = case.flops / t / 1e12 if case.flops else None
-        pct = 100 * gbps / ceil["copy_gbps"] if gbps else (100 * tflops / ceil["peak_tflops"] if tflops else None)
-        row = Row(case.op, "x".join(map(str, case.shape)), str(case.dtype).replace("torch.", ""), case.device, impl,
-                  t * 1e6, None, gbps, tflops, pct, err, None)  # fmt: skip
-        self.rows.append(row)
-        return row
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        benchmark.extra_info["median_us"] = {k: t * 1e6 for k, t in medians.items()}
+        return medians, len(times[names[0]])
+
+    # ------------------------------------------------------------------------------------------ the table
 
     def finalize(self) -> None:
-        """Fill speedup (vs eager of the same case) and the equivalence verdict (vs eager's error)."""
-        for row in self.rows:
-            key = (row.op, tuple(int(s) for s in row.shape.split("x")), "torch." + row.dtype, row.device)
-            eager_t = self._times.get((key, "eager"))
-            row.speedup = eager_t / (row.median_us * 1e-6) if eager_t else None
-            eager_err = self._errs.get((key, "eager"))
-            err, tol_floor = self._errs[(key, row.impl)]
-            row.equivalent = err <= 2 * eager_err[0] + tol_floor if eager_err and self._criterion[key] else None
-
-    def table(self) -> str:
-        self.finalize()
-        lines = []
-        for device, c in self._ceilings.items():
-            lines.append(f"ceilings on {device}: copy {c['copy_gbps']:.1f} GB/s ({c['copy_how']}), "
-                         f"compute {c['peak_tflops'] * 1e3:.0f} GFLOP/s ({c['peak_how']})")  # fmt: skip
-        head = ["op", "shape", "dtype", "device", "impl", "median", "speedup", "GB/s", "TFLOP/s", "% ceil", "max err",
-                "equiv"]  # fmt: skip
-        body = []
+        """Speedup vs eager, vs the best non-fastllm impl, and roofline numbers against the ceilings."""
+        groups: dict = {}
         for r in self.rows:
-            body.append([
-                r.op, r.shape, r.dtype, r.device, r.impl,
-                f"{r.median_us / 1e3:.3f} ms" if r.median_us >= 1000 else f"{r.median_us:.1f} us",
-                f"{r.speedup:.2f}x" if r.speedup else "-",
-                f"{r.gbps:.1f}" if r.gbps else "-",
-                f"{r.tflops:.3f}" if r.tflops else "-",
-                f"{r.pct_ceiling:.0f}%" if r.pct_ceiling else "-",
-                f"{r.max_err:.1e}" if r.max_err is not None else "-",
-                {True: "yes", False: "NO", None: "-"}[r.equivalent],
-            ])  # fmt: skip
+            groups.setdefault((r.suite, r.op, r.shape, r.dtype, r.device), []).append(r)
+        for rows in groups.values():
+            eager = next((r for r in rows if r.impl.split(" (")[0] == "eager"), None)
+            peers = [r.median_us for r in rows if not is_fastllm(r.impl)]
+            for r in rows:
+                t = r.median_us * 1e-6
+                r.speedup = eager.median_us / r.median_us if eager else None
+                r.vs_best = min(peers) / r.median_us if peers else None
+                ceil = self.ceilings(r.device)
+                r.gbps = r.bytes / t / 1e9 if r.bytes else None
+                r.tflops = r.flops / t / 1e12 if r.flops else None
+                pct = (r.gbps / ceil["copy_gbps"]) if r.gbps else (r.tflops / ceil["peak_tflops"] if r.tflops else None)
+                r.pct_ceiling = 100 * pct if pct is not None else None
+
+    def header(self) -> list[str]:
+        lines = []
+        for device, b in self.before.items():
+            size, where = machine.llc(device)
+            noisy = " NOISY" if self.noisy(device) else ""
+            lines.append(f"{device}{noisy}: {machine.describe(device)}; last-level cache {size / 2**20:.0f} MiB "
+                         f"({where}); torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+            line = f"  ceilings before: {_ceil_str(b)}"
+            if device in self.after:
+                a = self.after[device]
+                d = machine.drift(b, a)
+                line += f"; after: {_ceil_str(a)}; drift {100 * d:.0f}%"
+                if d > machine.NOISY_DRIFT:
+                    line += f" > {100 * machine.NOISY_DRIFT:.0f}%: NOISY (the machine was busy; ratios may be off)"
+            lines.append(line)
+        return lines
+
+    def table(self, markdown: bool = False) -> str:
+        self.finalize()
+        head = ["op", "shape", "dtype", "device", "impl", "ran", "median", "speedup", "vs best", "GB/s", "TFLOP/s",
+                "% ceil", "max err", "equiv"]  # fmt: skip
+        body = [[
+            r.op, r.shape, r.dtype, r.device, r.impl, r.ran,
+            f"{r.median_us / 1e3:.3f} ms" if r.median_us >= 1000 else f"{r.median_us:.1f} us",
+            f"{r.speedup:.2f}x" if r.speedup else "-",
+            f"{r.vs_best:.2f}x" if r.vs_best else "-",
+            f"{r.gbps:.1f}" if r.gbps else "-",
+            f"{r.tflops:.3f}" if r.tflops else "-",
+            f"{r.pct_ceiling:.0f}%" if r.pct_ceiling else "-",
+            "-" if r.max_err is None else f"{r.max_err:.1e}" + (f" ({r.worst})" if len(r.outputs) > 1 else ""),
+            {True: "yes", False: "NO", None: "-"}[r.equivalent],
+        ] for r in self.rows]  # fmt: skip
+        lines = self.header()
+        if markdown:
+            lines = [ln + "  " for ln in lines] + [""]
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---|" * len(head))
+            lines.extend("| " + " | ".join(b) + " |" for b in body)
+            return "\n".join(lines)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines.append(fmt.format(*head))
@@ -248,4 +348,38 @@ class Harness:
 
     def to_json(self) -> str:
         self.finalize()
-        return json.dumps({"ceilings": self._ceilings, "rows": [asdict(r) for r in self.rows]}, indent=1)
+        devices = {
+            d: {
+                "machine": machine.describe(d),
+                "llc_bytes": machine.llc(d)[0],
+                "llc_source": machine.llc(d)[1],
+                "ceilings_before": b,
+                "ceilings_after": self.after.get(d),
+                "noisy": self.noisy(d),
+            }
+            for d, b in self.before.items()
+        }
+        return json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "devices": devices,
+                           "rows": [asdict(r) for r in self.rows]}, indent=1)  # fmt: skip
+
+
+def _ceil_str(c: dict) -> str:
+    return (f"copy {c['copy_gbps']:.1f} GB/s ({c['copy_how']}), "
+            f"compute {c['peak_tflops'] * 1e3:.0f} GFLOP/s ({c['peak_how']})")  # fmt: skip
+
+
+@contextlib.contextmanager
+def isa(name: str):
+    """Run fastllm's C++ kernels on the `name` ISA path ("avx2", "avx512", ...), then restore the previous one."""
+    C = fastllm._ext.C
+    prev = C.set_isa(name)
+    try:
+        yield
+    finally:
+        C.set_isa(prev)
+
+
+def avx512_cpu() -> bool:
+    """Whether fastllm runs its AVX-512 path here (then an AVX2 row gives a same-ISA comparison with peers)."""
+    C = fastllm._ext.C
+    return C is not None and C.isa() == "avx512"

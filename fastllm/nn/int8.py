@@ -6,7 +6,8 @@
 w8a8 ("int8"): weights int8 per output channel; activations quantized per token on the fly (one quantize
 kernel, then the int8 GEMM with the scales and bias in its epilogue). w8a16 ("int8_weight_only"): activations
 stay in their float dtype and the int8 weights are widened inside the GEMM (the memory-bound decode case).
-Inference only: no gradients flow through these layers.
+Inference only: a backward through these layers raises a RuntimeError naming the int8 op; a NaN / inf in the
+input or the weights gives NaN in that output row / column (see fastllm.ops.int8).
 
 Decision (the issue left the return shape open): quantize_ returns the model, like torchao's quantize_
 modifies it in place; the summary of what it replaced is `model.fastllm_quantize_summary` (and its str()).
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastllm.ops.int8 import int8_matmul_lead, quantize_int8, w8a16_lead
+from fastllm.ops.int8 import int8_matmul, quantize_int8, w8a16_linear
 
 MODES = ("w8a8", "w8a16")
 QUANTIZE_MODES = {"int8": "w8a8", "int8_weight_only": "w8a16"}
@@ -59,9 +60,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
         if self.mode == "w8a16":
-            return w8a16_lead(x, self.weight, self.weight_scale, b)
+            return w8a16_linear(x, self.weight, self.weight_scale, b)
         q, s = quantize_int8(x, -1)
-        return int8_matmul_lead(q, self.weight, s, self.weight_scale, b, x.dtype)
+        return int8_matmul(q, self.weight, s, self.weight_scale, b, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode!r}"

@@ -9,6 +9,11 @@ for weights): scale = max|x| / 127, q = clamp(round_half_even(x / scale), -127, 
 all-zero slice gets scale 1 (q = 0, dequantizes to exact zeros). The C++ and Triton kernels reproduce the
 reference below bit for bit.
 
+NaN and Inf live in the scale: a slice holding a NaN gets scale NaN, one holding +-inf (and no NaN) scale inf, and
+q = 0 wherever x / scale is not finite (so q is always a well-defined int8). The GEMMs then propagate them as a
+product with the dequantized tensors would: a NaN / inf activation row makes that output row NaN (0 * NaN,
+0 * inf), a NaN / inf weight channel that output column; a NaN in x of w8a16_linear flows through the float GEMM.
+
 int8_matmul: a_q (..., K) int8, b_q (N, K) int8 (nn.Linear layout), a_scale (...) float32 per row of a,
 b_scale (N,) float32; out = (float(a_q b_q^T) * a_scale) * b_scale + bias, where a_q b_q^T is the exact int32
 product (CPU: vpdpbusd with a u8 offset correction on AVX512-VNNI, vpmaddwd on int16 pairs on AVX2: never
@@ -18,8 +23,9 @@ the reference (exact in float64).
 w8a16_linear: x (..., K) float, w_q (N, K) int8, w_scale (N,): out = (x w_q^T) * w_scale + bias, with the int8
 weights widened to fp32 inside the GEMM (4x fewer weight bytes than fp32: the memory-bound decode case).
 
-These are inference ops (no autograd). Int8 weights are packed once per weight and cached like the float ones
-(fastllm/ops/_pack.py).
+These are inference ops: a backward through them raises a RuntimeError that names the op (a forward with grad
+enabled works; its outputs just cannot be differentiated). Int8 weights are packed once per weight and cached like
+the float ones (fastllm/ops/_pack.py).
 """
 
 import math
@@ -40,8 +46,9 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def quantize_ref(x: torch.Tensor, dim: int):
     xf = x.float()
     amax = xf.abs().amax(dim, keepdim=True) if x.numel() else torch.zeros_like(xf.sum(dim, keepdim=True))
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127)
-    q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127)  # amax: NaN if the slice holds a NaN
+    v = xf / scale
+    q = torch.where(torch.isfinite(v), torch.round(v).clamp(-127, 127), 0).to(torch.int8)
     return q, scale.squeeze(dim)
 
 
@@ -132,13 +139,10 @@ def _w8a16_check(x, w_q, w_scale, bias):
 # --------------------------------------------------------------------------------------------------
 # C++.
 
-USE_VNNI = True  # tests turn it off to run the AVX2 W8A8 kernel on an AVX512-VNNI CPU
 
-
-def _w8a8_layout() -> int:
-    C = _ext.C
-    vnni = USE_VNNI and C.isa() == "avx512" and C.avx512vnni_available()
-    return _pack.I8_QUADS if vnni else _pack.I16_PAIRS
+def _w8a8_layout() -> str:
+    """u8 k-quads where the ISA level runs the AVX512-VNNI kernel (avx512_dot), else int16 k-pairs."""
+    return "i8_quads" if _ext.dot_kernel(torch.int8) else "i16_pairs"
 
 
 def _quant_cpp(x, dim):
@@ -161,7 +165,7 @@ def _mm_cpp(a_q, b_q, a_scale, b_scale, bias, out_dtype):
     out = torch.empty(M, N, dtype=out_dtype)
     if M and N:
         pk = _pack.cached_weight(b_q, None, _w8a8_layout())
-        _pack.gemm(a_q, pk, out, mode=4, bias=bias, a_scale=a_scale.contiguous(), b_scale=b_scale.contiguous())
+        _pack.gemm(a_q, pk, out, mode="int8", bias=bias, a_scale=a_scale.contiguous(), b_scale=b_scale.contiguous())
     return out
 
 
@@ -170,8 +174,8 @@ def _w8a16_cpp(x, w_q, w_scale, bias):
     M, N = x.shape[0], w_q.shape[0]
     out = torch.empty(M, N, dtype=x.dtype)
     if M and N:
-        pk = _pack.cached_weight(w_q, None, _pack.I8_ROWS)
-        _pack.gemm(x, pk, out, mode=5, bias=bias, b_scale=w_scale.contiguous())
+        pk = _pack.cached_weight(w_q, None, "i8_rows")
+        _pack.gemm(x, pk, out, mode="scale", bias=bias, b_scale=w_scale.contiguous())
     return out
 
 
@@ -217,6 +221,18 @@ def _w8a16_triton(x, w_q, w_scale, bias):
 # The ops.
 
 
+def _inference_only(name: str):
+    """A backward that says why there is none (torch's default names no op: "no autograd formula was registered")."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastllm.{name} is inference-only: it has no backward (int8 quantization is not differentiable). "
+            "Run int8 layers under torch.no_grad() / torch.inference_mode(), or train the float layer."
+        )
+
+    return dict(backward=backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _quant_fake(x, dim):
     shape = list(x.shape)
     del shape[dim]
@@ -232,6 +248,7 @@ quantize_int8_op = define_op(
     fake=_quant_fake,
     cpp=Kernel(_quant_cpp, _float_unsupported),
     triton=Kernel(_quant_triton, _float_unsupported),
+    **_inference_only("quantize_int8"),
 )
 
 int8_matmul_op = define_op(
@@ -241,6 +258,7 @@ int8_matmul_op = define_op(
     fake=lambda a, b, sa, sb, bias, dt: torch.empty(a.shape[0], b.shape[0], dtype=dt, device=a.device),
     cpp=Kernel(_mm_cpp, _mm_unsupported, avx512=True),
     triton=Kernel(_mm_triton, _mm_unsupported),
+    **_inference_only("int8_matmul"),
 )
 
 w8a16_op = define_op(
@@ -250,18 +268,12 @@ w8a16_op = define_op(
     fake=lambda x, w, s, b: torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device),
     cpp=Kernel(_w8a16_cpp, _float_unsupported, avx512=True),
     triton=Kernel(_w8a16_triton, _float_unsupported),
+    **_inference_only("w8a16_linear"),
 )
 
 
 # --------------------------------------------------------------------------------------------------
 # Public functions.
-
-
-def _no_nan(op: str, arg: str, s: torch.Tensor) -> None:
-    """NaN scales are refused in eager mode (the check reads the data; it is skipped while tracing)."""
-    tracing = torch.compiler.is_compiling()
-    if isinstance(s, torch.Tensor) and not tracing and s.is_floating_point() and bool(torch.isnan(s).any()):
-        raise ValueError(f"{op}: {arg} contains NaN")
 
 
 def quantize_int8(x: torch.Tensor, dim: int = -1):
@@ -272,15 +284,8 @@ def quantize_int8(x: torch.Tensor, dim: int = -1):
 
 
 def int8_matmul(a_q, b_q, a_scale, b_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
-    """(a_q b_q^T as exact int32) * a_scale[:, None] * b_scale[None, :] + bias; leading batch dims on a_q."""
-    _no_nan("int8_matmul", "a_scale", a_scale)
-    _no_nan("int8_matmul", "b_scale", b_scale)
-    return int8_matmul_lead(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-
-
-def int8_matmul_lead(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> torch.Tensor:
-    """int8_matmul without the NaN scan of the scales (Int8Linear: its scales come from quantize_int8; the scan
-    reads the data, a device sync per call on a GPU)."""
+    """(a_q b_q^T as exact int32) * a_scale[:, None] * b_scale[None, :] + bias; leading batch dims on a_q.
+    A NaN / inf scale makes its output row / column NaN (see the module docstring)."""
     op = "int8_matmul"
     _check_int8(op, "a_q", a_q)
     if a_q.dim() < 1:
@@ -296,12 +301,6 @@ def int8_matmul_lead(a_q, b_q, a_scale, b_scale, bias, out_dtype) -> torch.Tenso
 
 def w8a16_linear(x, w_q, w_scale, bias=None) -> torch.Tensor:
     """x (..., K) float times int8 weights (N, K) with per-channel w_scale: (x w_q^T) * w_scale + bias."""
-    _no_nan("w8a16_linear", "w_scale", w_scale)
-    return w8a16_lead(x, w_q, w_scale, bias)
-
-
-def w8a16_lead(x, w_q, w_scale, bias) -> torch.Tensor:
-    """w8a16_linear without the NaN scan of w_scale (Int8Linear, whose scales come from quantize_int8)."""
     check_tensor("w8a16_linear", "x", x)
     if x.dim() < 1:
         raise ValueError("w8a16_linear: x must have at least 1 dim (..., K)")

@@ -1,7 +1,6 @@
-// Per-row int8 quantization, portable path and dispatch (see quant.h).
-#include "quant.h"
+// Per-row int8 quantization, portable path and dispatch (see int8.h).
+#include "int8.h"
 
-#include <cmath>
 #include <stdexcept>
 
 namespace fastllm {
@@ -12,15 +11,12 @@ template <class S>
 void rows_scalar(const Quant& a, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     const auto* x = static_cast<const typename S::T*>(a.x) + i * a.x_stride;
-    float amax = 0.f;
-    for (int64_t k = 0; k < a.K; ++k) amax = std::fmax(amax, std::fabs(S::load(x + k)));
-    const float scale = amax == 0.f ? 1.f : amax / 127.f;
-    a.scale[i] = scale;
+    AbsMax m;
+    for (int64_t k = 0; k < a.K; ++k) m.add(S::load(x + k));
+    const float scale = m.scale();
+    if (!store_scale(a, i, scale)) continue;  // a NaN / inf row: q = 0
     int8_t* q = a.q + i * a.K;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const float v = std::nearbyint(S::load(x + k) / scale);  // round half to even (default rounding mode)
-      q[k] = static_cast<int8_t>(std::fmin(127.f, std::fmax(-127.f, v)));
-    }
+    for (int64_t k = 0; k < a.K; ++k) q[k] = quantize_one(S::load(x + k), scale);
   }
 }
 
@@ -36,14 +32,9 @@ void quantize_rows(const Quant& a) {
   if (a.q == nullptr || a.scale == nullptr || a.x == nullptr || a.M < 0 || a.K < 0 ||
       (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16))
     throw std::invalid_argument("quantize_rows: bad arguments");
-#ifdef FASTLLM_HAVE_AVX2
-  if (active_isa() >= Isa::kAvx2) return quantize_rows_avx2(a);
-#endif
-  switch (a.dtype) {
-    case kBF16: return run_scalar<BF16s>(a);
-    case kF16: return run_scalar<F16s>(a);
-    default: return run_scalar<F32s>(a);
-  }
+  if constexpr (kBuiltAvx2)
+    if (active_isa() >= Isa::kAvx2) return quantize_rows_avx2(a);
+  with_float_dtype(a.dtype, [&](auto s) { run_scalar<decltype(s)>(a); });
 }
 
 }  // namespace fastllm

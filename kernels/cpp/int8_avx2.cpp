@@ -1,10 +1,8 @@
-// Per-row int8 quantization, AVX2 path (see quant.h): two passes over each row (max |x|, then
+// Per-row int8 quantization, AVX2 path (see int8.h): two passes over each row (max |x|, then
 // x / scale rounded to nearest even with vroundps, clamped, packed to int8 with saturating packs).
 #include <immintrin.h>
 
-#include <cmath>
-
-#include "quant.h"
+#include "int8.h"
 #include "vec_avx2.h"
 
 namespace fastllm {
@@ -16,16 +14,21 @@ void rows(const Quant& a) {
   for (int64_t i = 0; i < a.M; ++i) {
     const auto* x = static_cast<const typename S::T*>(a.x) + i * a.x_stride;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 mx = _mm256_setzero_ps();
+    __m256 mx = _mm256_setzero_ps(), unord = _mm256_setzero_ps();  // unord: lanes that saw a NaN
     int64_t k = 0;
-    for (; k + 8 <= a.K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8<S>(x + k), absmask));
+    for (; k + 8 <= a.K; k += 8) {
+      const __m256 v = load8<S>(x + k);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));  // maxps returns the second operand on NaN: dropped
+      unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, mx);
-    float amax = 0.f;
-    for (int j = 0; j < 8; ++j) amax = std::fmax(amax, lanes[j]);
-    for (int64_t t = k; t < a.K; ++t) amax = std::fmax(amax, std::fabs(S::load(x + t)));
-    const float scale = amax == 0.f ? 1.f : amax / 127.f;
-    a.scale[i] = scale;
+    AbsMax m;
+    m.nan = _mm256_movemask_ps(unord) != 0;
+    for (int j = 0; j < 8; ++j) m.add(lanes[j]);
+    for (int64_t t = k; t < a.K; ++t) m.add(S::load(x + t));
+    const float scale = m.scale();
+    if (!store_scale(a, i, scale)) continue;  // a NaN / inf row: q = 0
     int8_t* q = a.q + i * a.K;
     const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     k = 0;
@@ -36,21 +39,14 @@ void rows(const Quant& a) {
       const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
     }
-    for (; k < a.K; ++k) {
-      const float v = std::nearbyint(S::load(x + k) / scale);
-      q[k] = static_cast<int8_t>(std::fmin(127.f, std::fmax(-127.f, v)));
-    }
+    for (; k < a.K; ++k) q[k] = quantize_one(S::load(x + k), scale);
   }
 }
 
 }  // namespace
 
 void quantize_rows_avx2(const Quant& a) {
-  switch (a.dtype) {
-    case kBF16: return rows<BF16s>(a);
-    case kF16: return rows<F16s>(a);
-    default: return rows<F32s>(a);
-  }
+  with_float_dtype(a.dtype, [&](auto s) { rows<decltype(s)>(a); });
 }
 
 }  // namespace fastllm

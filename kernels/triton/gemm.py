@@ -70,13 +70,22 @@ bfloat16 is an fp32). Its fp32 -> bfloat16 casts round toward zero (compiled cod
 bfloat16 outputs may differ from a GPU run in the last bit.
 """
 
-import contextlib
 import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from fastllm.kernels.triton._launch import (
+    as_int64,
+    device_ctx,
+    dot_acc,
+    dot_args,
+    gpu_arch,
+    m_bucket,
+    mm_tile,
+    tile_coords,
+)
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 GATED_ACTIVATIONS = ACTIVATIONS[1:]
@@ -150,35 +159,6 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program pid in grouped order: groups of GROUP_M tile rows (the last one may be shorter),
-    walked column by column inside a group (Triton matmul tutorial, "L2 cache optimizations")."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    in_group = pid % per_group
-    return first_m + in_group % group_rows, in_group // group_rows
-
-
-@triton.jit
-def _int64(x):
-    """x as an int64 scalar (x may be a run-time int32 or an int the JIT specialized to a constant, e.g. stride 1)."""
-    return tl.zeros([], dtype=tl.int64) + x
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. DOT_UPCAST: interpreter with bfloat16 only (module docstring)."""
-    if DOT_UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _tile_ptrs(PTR, m0, n0, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pointers (BLOCK_M, BLOCK_N) to the tile at (m0, n0) (int64 scalars) of a strided matrix: the tile's corner in
     int64, the in-tile offsets in int32 (BLOCK * stride < 2^31), which keeps the epilogue's address tiles at one
@@ -197,6 +177,27 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The left and right column halves of a (BLOCK_M, BLOCK_N) tile (the persistent-matmul tutorial's epilogue
     sub-tiling: storing a tile in slices keeps fewer epilogue values live at once)."""
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _slice(acc, j: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column slice j of SPLIT (1, 2 or 4) of a (BLOCK_M, BLOCK_N) tile: (BLOCK_M, BLOCK_N // SPLIT). The halves of
+    one tile computed for several slices are the same values (the compiler keeps one copy)."""
+    if SPLIT == 1:
+        part = acc
+    else:
+        left, right = _halves(acc, BLOCK_M, BLOCK_N)
+        if j * 2 < SPLIT:
+            part = left
+        else:
+            part = right
+        if SPLIT == 4:
+            left, right = _halves(part, BLOCK_M, BLOCK_N // 2)
+            if j % 2 == 0:
+                part = left
+            else:
+                part = right
+    return part
 
 
 @triton.jit
@@ -250,67 +251,24 @@ def _gemm_kernel(
     "dact":   C = acc * act'(AUX).
     "dgated": C = acc * AUX2 * act'(AUX), C2 = acc * act(AUX).
     """
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
-    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
-    a_step = _int64(stride_ak) * BLOCK_K
-    b_step = _int64(stride_bk) * BLOCK_K
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0  # (BLOCK_K,) the K tail loads 0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
-        a_ptrs += a_step
-        b_ptrs += b_step
-
-    # epilogue, on EPI_SPLIT column slices of the tile one after another (fewer values live at once)
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     n0 = pid_n.to(tl.int64) * BLOCK_N
+    acc = mm_tile(
+        A, B, m0, n0, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        tl.float32, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # (BLOCK_M, BLOCK_N) fp32  # fmt: skip
+
+    # epilogue, on EPI_SPLIT column slices of the tile one after another (fewer values live at once)
     m_left = M - pid_m * BLOCK_M
     n_left = N - pid_n * BLOCK_N
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
-    if EPI_SPLIT == 1:
+    for j in tl.static_range(EPI_SPLIT):
         _gemm_epilogue(
-            acc, n0, n_left, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-            stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
+            _slice(acc, j, EPI_SPLIT, BLOCK_M, BLOCK_N), n0 + j * SUB_N, n_left - j * SUB_N, C, C2, BIAS, AUX, AUX2,
+            m0, m_left, N, stride_xm, stride_xn, stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE,
+            BLOCK_M, SUB_N,
         )  # fmt: skip
-    else:
-        acc0, acc1 = _halves(acc, BLOCK_M, BLOCK_N)
-        if EPI_SPLIT == 2:
-            _gemm_epilogue(
-                acc0, n0, n_left, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gemm_epilogue(
-                acc1, n0 + SUB_N, n_left - SUB_N, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-        else:  # 4
-            acc00, acc01 = _halves(acc0, BLOCK_M, BLOCK_N // 2)
-            acc10, acc11 = _halves(acc1, BLOCK_M, BLOCK_N // 2)
-            _gemm_epilogue(
-                acc00, n0, n_left, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gemm_epilogue(
-                acc01, n0 + SUB_N, n_left - SUB_N, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gemm_epilogue(
-                acc10, n0 + 2 * SUB_N, n_left - 2 * SUB_N, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gemm_epilogue(
-                acc11, n0 + 3 * SUB_N, n_left - 3 * SUB_N, C, C2, BIAS, AUX, AUX2, m0, m_left, N, stride_xm, stride_xn,
-                stride_x2m, stride_x2n, EPILOGUE, ACT, HAS_BIAS, HAS_AUX, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -348,7 +306,7 @@ def _gated_kernel(
     """One (BLOCK_M, BLOCK_N) tile of h = act(x @ wg.T + bg) * (x @ wu.T + bu): per K step one x tile and the two
     weight tiles (read as (BLOCK_K, BLOCK_N) through their strides), two fp32 accumulators; g and u are stored only
     when SAVE_PRE, h always, each rounded once from fp32."""
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
     offs_k = tl.arange(0, BLOCK_K)
@@ -358,9 +316,9 @@ def _gated_kernel(
     x_ptrs = X + offs_m[:, None] * stride_xm + offs_k64[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
     g_ptrs = WG + offs_k64[:, None] * stride_gk + offs_n[None, :] * stride_gn  # (BLOCK_K, BLOCK_N) of wg.T
     u_ptrs = WU + offs_k64[:, None] * stride_uk + offs_n[None, :] * stride_un  # (BLOCK_K, BLOCK_N) of wu.T
-    x_step = _int64(stride_xk) * BLOCK_K
-    g_step = _int64(stride_gk) * BLOCK_K
-    u_step = _int64(stride_uk) * BLOCK_K
+    x_step = as_int64(stride_xk) * BLOCK_K
+    g_step = as_int64(stride_gk) * BLOCK_K
+    u_step = as_int64(stride_uk) * BLOCK_K
 
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -368,8 +326,8 @@ def _gated_kernel(
         k_ok = offs_k < K - k0
         w_ok = k_ok[:, None] & n_ok[None, :]
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_g = _dot(x, tl.load(g_ptrs, mask=w_ok, other=0.0), acc_g, DOT_PRECISION, DOT_UPCAST)
-        acc_u = _dot(x, tl.load(u_ptrs, mask=w_ok, other=0.0), acc_u, DOT_PRECISION, DOT_UPCAST)
+        acc_g = dot_acc(x, tl.load(g_ptrs, mask=w_ok, other=0.0), acc_g, DOT_PRECISION, DOT_UPCAST)
+        acc_u = dot_acc(x, tl.load(u_ptrs, mask=w_ok, other=0.0), acc_u, DOT_PRECISION, DOT_UPCAST)
         x_ptrs += x_step
         g_ptrs += g_step
         u_ptrs += u_step
@@ -380,44 +338,12 @@ def _gated_kernel(
     m_left = M - pid_m * BLOCK_M
     n_left = N - pid_n * BLOCK_N
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
-    if EPI_SPLIT == 1:
+    for j in tl.static_range(EPI_SPLIT):
         _gated_epilogue(
-            acc_g, acc_u, n0, n_left, H, G, U, BG, BU, m0, m_left, N,
-            ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
+            _slice(acc_g, j, EPI_SPLIT, BLOCK_M, BLOCK_N), _slice(acc_u, j, EPI_SPLIT, BLOCK_M, BLOCK_N),
+            n0 + j * SUB_N, n_left - j * SUB_N, H, G, U, BG, BU, m0, m_left, N, ACT, HAS_BG, HAS_BU, SAVE_PRE,
+            BLOCK_M, SUB_N,
         )  # fmt: skip
-    else:
-        acc_g0, acc_g1 = _halves(acc_g, BLOCK_M, BLOCK_N)
-        acc_u0, acc_u1 = _halves(acc_u, BLOCK_M, BLOCK_N)
-        if EPI_SPLIT == 2:
-            _gated_epilogue(
-                acc_g0, acc_u0, n0, n_left, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gated_epilogue(
-                acc_g1, acc_u1, n0 + SUB_N, n_left - SUB_N, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-        else:  # 4
-            acc_g00, acc_g01 = _halves(acc_g0, BLOCK_M, BLOCK_N // 2)
-            acc_g10, acc_g11 = _halves(acc_g1, BLOCK_M, BLOCK_N // 2)
-            acc_u00, acc_u01 = _halves(acc_u0, BLOCK_M, BLOCK_N // 2)
-            acc_u10, acc_u11 = _halves(acc_u1, BLOCK_M, BLOCK_N // 2)
-            _gated_epilogue(
-                acc_g00, acc_u00, n0, n_left, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gated_epilogue(
-                acc_g01, acc_u01, n0 + SUB_N, n_left - SUB_N, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gated_epilogue(
-                acc_g10, acc_u10, n0 + 2 * SUB_N, n_left - 2 * SUB_N, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
-            _gated_epilogue(
-                acc_g11, acc_u11, n0 + 3 * SUB_N, n_left - 3 * SUB_N, H, G, U, BG, BU, m0, m_left, N,
-                ACT, HAS_BG, HAS_BU, SAVE_PRE, BLOCK_M, SUB_N,
-            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,17 +392,6 @@ _TUNE_KEYS = {
     "_gemm_kernel": ["M_BUCKET", "N", "K", "EPILOGUE", "ACT", "HAS_BIAS", "HAS_AUX", "SAVE_PRE"],
     "_gated_kernel": ["M_BUCKET", "N", "K", "ACT", "HAS_BG", "HAS_BU", "SAVE_PRE"],
 }
-_M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
-
-
-def _m_bucket(m: int) -> int:
-    return next((cap for cap in _M_BUCKETS if m <= cap), 2 * _M_BUCKETS[-1])
-
-
-def _arch(device: torch.device) -> int:
-    """90 for Hopper and newer, else 80 (Ampere and Ada use the sm_80 list)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
 
 
 def _config_list(name: str, arch: int, fp32: bool) -> list:
@@ -497,20 +412,6 @@ def _tuned(name: str, arch: int, fp32: bool):
     return triton.autotune(configs=configs, key=_TUNE_KEYS[name])(globals()[name])
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _dot_args(t: torch.Tensor) -> dict:
-    """DOT_PRECISION: fp32 tiles take IEEE fp32 products (no TF32); 16-bit tiles ignore it.
-    DOT_UPCAST: bfloat16 under the interpreter (see _dot)."""
-    return dict(
-        DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=t.device.type != "cuda" and t.dtype == torch.bfloat16,
-    )
-
-
 def _check_block(block) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, EPI_SPLIT) of the test hook block = (BLOCK_M, BLOCK_N, BLOCK_K[, EPI_SPLIT])."""
     tiles, split = tuple(block[:3]), (block[3] if len(block) == 4 else 1)
@@ -525,9 +426,9 @@ def _launch(name: str, M: int, N: int, args: tuple, consts: dict, t: torch.Tenso
     """Launch kernel `name` over the (M, N) output tiles: autotuned on CUDA unless block is forced; CPU_CONFIG
     (or block) elsewhere. args end with M_BUCKET; consts: the constexprs other than the tile sizes."""
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    with _device_ctx(t):
+    with device_ctx(t):
         if t.is_cuda and block is None:
-            _tuned(name, _arch(t.device), t.dtype == torch.float32)[grid](*args, **consts)
+            _tuned(name, gpu_arch(t.device), t.dtype == torch.float32)[grid](*args, **consts)
             return
         bm, bn, bk, split = _check_block(block) if block is not None else (*CPU_CONFIG[:3], 1)
         group = GROUP_M if t.is_cuda else CPU_CONFIG[3]
@@ -566,11 +467,11 @@ def linear(
         return y, pre
     args = (
         x, w, y, pre, bias, residual, None, M, N, K,
-        *x.stride(), w.stride(1), w.stride(0), *_strides(residual), 0, 0, _m_bucket(M),
+        *x.stride(), w.stride(1), w.stride(0), *_strides(residual), 0, 0, m_bucket(M),
     )  # fmt: skip
     consts = dict(
         EPILOGUE="linear", ACT=activation, HAS_BIAS=bias is not None, HAS_AUX=residual is not None,
-        SAVE_PRE=keep_pre, **_dot_args(x),
+        SAVE_PRE=keep_pre, **dot_args(x),
     )  # fmt: skip
     _launch("_gemm_kernel", M, N, args, consts, x, block)
     return y, pre
@@ -600,8 +501,8 @@ def gated(
     u = torch.empty((M, N), dtype=x.dtype, device=x.device) if save_pre else None
     if M == 0 or N == 0:
         return h, g, u
-    args = (x, wg, wu, bg, bu, h, g, u, M, N, K, *x.stride(), *wg.stride(), *wu.stride(), _m_bucket(M))
-    consts = dict(ACT=activation, HAS_BG=bg is not None, HAS_BU=bu is not None, SAVE_PRE=save_pre, **_dot_args(x))
+    args = (x, wg, wu, bg, bu, h, g, u, M, N, K, *x.stride(), *wg.stride(), *wu.stride(), m_bucket(M))
+    consts = dict(ACT=activation, HAS_BG=bg is not None, HAS_BU=bu is not None, SAVE_PRE=save_pre, **dot_args(x))
     _launch("_gated_kernel", M, N, args, consts, x, block)
     return h, g, u
 
@@ -634,10 +535,10 @@ def matmul(
     else:
         epilogue, act, x1, x2 = mode, activation, aux, aux2
     args = (
-        a, b, c, c2, None, x1, x2, M, N, K, *a.stride(), *b.stride(), *_strides(x1), *_strides(x2), _m_bucket(M),
+        a, b, c, c2, None, x1, x2, M, N, K, *a.stride(), *b.stride(), *_strides(x1), *_strides(x2), m_bucket(M),
     )  # fmt: skip
     consts = dict(
-        EPILOGUE=epilogue, ACT=act, HAS_BIAS=False, HAS_AUX=x1 is not None, SAVE_PRE=False, **_dot_args(a),
+        EPILOGUE=epilogue, ACT=act, HAS_BIAS=False, HAS_AUX=x1 is not None, SAVE_PRE=False, **dot_args(a),
     )  # fmt: skip
     _launch("_gemm_kernel", M, N, args, consts, a, block)
     return c, c2

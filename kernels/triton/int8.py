@@ -3,8 +3,10 @@ dequantizing epilogue (W8A8), and the weight-only int8 GEMM with 16-bit / fp32 a
 
 Semantics (the contract of fastllm.ops.int8; the caller has validated shapes, dtypes and devices):
 
-    quantize_rows:  amax[m] = max_k |x[m, k]| (fp32),  scale[m] = amax / 127 (1 where amax == 0),
-                    q[m, k] = clamp(round_half_even(x[m, k] / scale[m]), -127, 127)  (int8)
+    quantize_rows:  amax[m] = max_k |x[m, k]| (fp32, NaN if the row holds a NaN),
+                    scale[m] = amax / 127 (1 where amax == 0; NaN / inf for a row with NaN / with inf and no NaN),
+                    q[m, k] = clamp(round_half_even(x[m, k] / scale[m]), -127, 127)  (int8),
+                              0 where x[m, k] / scale[m] is not finite (so q is always a number)
     int8_matmul:    acc = a_q @ b_q.T exactly in int32,  out = (acc * a_scale[m]) * b_scale[n] + bias[n]
     w8a16_matmul:   acc = x @ b_q.T in fp32 (int8 weights widened to x's dtype),  out = acc * b_scale[n] + bias[n]
 
@@ -25,11 +27,12 @@ Kernels
                         Division is IEEE (tl.div_rn; Triton's `/` on fp32 is an approximate division on NVIDIA), and
                         the clamped quotient is rounded half-to-even by adding and subtracting 1.5 * 2^23 (exact for
                         |v| < 2^22 in round-to-nearest-even fp32; the clamp to [-127, 127] comes first, which gives
-                        the same result as the reference's round-then-clamp since the bounds are integers, and
-                        keeps inf in range). No libdevice: the same code runs under the interpreter (checked in
-                        the sm_80 / sm_90 SASS: the two FADDs survive, the int8 store converts an exact integer).
-                        Rows holding NaN are outside the contract (the reference casts NaN to int8): the compiled
-                        max ignores NaN, the interpreter's propagates it.
+                        the same result as the reference's round-then-clamp since the bounds are integers; a
+                        non-finite quotient is set to 0 before). No libdevice: the same code runs under the
+                        interpreter (checked in the sm_80 / sm_90 SASS: the two FADDs survive, the int8 store
+                        converts an exact integer).
+                        The row max is a tl.reduce with tl.maximum(propagate_nan=ALL): tl.max's default maximum
+                        returns the non-NaN operand on GPU, which would hide a NaN behind a finite scale.
     _gemm_kernel        one program per (BLOCK_M, BLOCK_N) output tile, 1-D grid in grouped order. W8A16 = False:
                         tl.dot of int8 tiles into an int32 accumulator (IMMA mma.sync on sm_80, wgmma on sm_90),
                         then the epilogue acc.to(fp32) * a_scale[m] * b_scale[n] + bias[n]. W8A16 = True: the int8
@@ -64,13 +67,21 @@ dot (constexpr DOT_UPCAST; exact). Its fp32 -> bfloat16 casts round toward zero 
 even), so bfloat16 outputs may differ from a GPU run in the last bit.
 """
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
-from fastllm.kernels.triton.gemm import _int64, _tile_coords  # grouped tile order, int64 offsets
+from fastllm.kernels.triton._launch import (
+    as_int64,
+    device_ctx,
+    dot_args,
+    gpu_arch,
+    m_bucket,
+    mm_tile,
+    sm_count,
+    tile_coords,
+)
 
 # M up to which w8a16_matmul takes the split-K path (the BLOCK_M of _splitk_kernel).
 SMALL_M = 16
@@ -88,10 +99,11 @@ CPU_REDUCE_BLOCK = 16
 CPU_QUANT_BLOCK = (4, 128)
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + c - c rounds v half-to-even for |v| < 2^22
+_INF = tl.constexpr(float("inf"))
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared pieces (_tile_coords and _int64 come from gemm.py).
+# Shared pieces (the grouped tile order and the K loop, mm_tile, come from _launch.py).
 
 
 @triton.jit
@@ -116,14 +128,32 @@ def _epilogue(
 
 
 @triton.jit
-def _dot_w8(x, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """acc + x @ float(b) in fp32 for an int8 tile b: b widened to x's dtype (exact). DOT_UPCAST: the interpreter
-    with bfloat16 x (module docstring)."""
-    if DOT_UPCAST:
-        acc = tl.dot(x.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x, b.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    return acc
+def _max_nan(a, b):
+    """max(a, b) with NaN winning (tl.maximum's default, and so tl.max on GPU, returns the non-NaN operand)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(x):
+    """max |x| along axis 1 of a (BLOCK_R, BLOCK_K) fp32 tile, NaN if the row holds one: (BLOCK_R,)."""
+    return tl.reduce(tl.abs(x), 1, _max_nan)
+
+
+@triton.jit
+def _scale(amax):
+    """amax / 127 (IEEE division), 1 where amax == 0; NaN / inf amax gives a NaN / inf scale."""
+    return tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 127.0))
+
+
+@triton.jit
+def _quantize_tile(x, scale):
+    """q = clamp(round_half_even(x / scale), -127, 127) of a (BLOCK_R, BLOCK_K) fp32 tile and its (BLOCK_R,) scales,
+    0 where x / scale is not finite (a NaN / inf row: the non-finite value lives in the scale). The clamp comes first
+    (same result as round-then-clamp: the bounds are integers), so the magic-number rounding sees |v| <= 127."""
+    v = tl.div_rn(x, scale[:, None])
+    v = tl.where(tl.abs(v) < _INF, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,24 +175,21 @@ def _quantize_kernel(
     if ONE_TILE:  # K <= BLOCK_K: one read
         ok = r_ok[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 127.0))
-        v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -127.0), 127.0)
-        tl.store(q_rows + offs_k[None, :], ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8), mask=ok)
+        scale = _scale(_row_amax(x))
+        tl.store(q_rows + offs_k[None, :], _quantize_tile(x, scale), mask=ok)
     else:
         amax = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             ok = r_ok[:, None] & (ks < K)[None, :]
             x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 127.0))
+            amax = _max_nan(amax, _row_amax(x))
+        scale = _scale(amax)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             ok = r_ok[:, None] & (ks < K)[None, :]
             x = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk, mask=ok, other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None]), -127.0), 127.0)
-            tl.store(q_rows + ks[None, :], ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8), mask=ok)
+            tl.store(q_rows + ks[None, :], _quantize_tile(x, scale), mask=ok)
     tl.store(S + rows, scale, mask=r_ok)
 
 
@@ -177,34 +204,13 @@ def _gemm_kernel(
 ):  # fmt: skip
     """One (BLOCK_M, BLOCK_N) tile: W8A16 False: int32 acc = A @ B of int8 tiles, C = acc * A_SCALE * B_SCALE + BIAS;
     W8A16 True: fp32 acc = A @ float(B), C = acc * B_SCALE + BIAS (A_SCALE unused)."""
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    a_ptrs = A + offs_m[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-    b_ptrs = B + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
-    a_step = _int64(stride_ak) * BLOCK_K
-    b_step = _int64(stride_bk) * BLOCK_K
-
-    if W8A16:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0  # (BLOCK_K,) the K tail loads 0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        if W8A16:
-            acc = _dot_w8(a, b, acc, DOT_PRECISION, DOT_UPCAST)
-        else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 -> int32, exact
-        a_ptrs += a_step
-        b_ptrs += b_step
-
-    m0 = pid_m.to(tl.int64) * BLOCK_M
-    n0 = pid_n.to(tl.int64) * BLOCK_N
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m0, n0 = pid_m.to(tl.int64) * BLOCK_M, pid_n.to(tl.int64) * BLOCK_N
+    acc_dtype: tl.constexpr = tl.float32 if W8A16 else tl.int32
+    acc = mm_tile(
+        A, B, m0, n0, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        acc_dtype, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # (BLOCK_M, BLOCK_N)  # fmt: skip
     _epilogue(acc, C, A_SCALE, B_SCALE, BIAS, m0, n0, M, N, not W8A16, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
@@ -220,35 +226,20 @@ def _splitk_kernel(
     [pid_k * K_PER_SPLIT, +K_PER_SPLIT) in fp32: the epilogue into C when DIRECT (one chunk), else into WS[pid_k]."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) int64
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    k_start = pid_k * K_PER_SPLIT
-    k_len = tl.minimum(K - k_start, K_PER_SPLIT)  # this chunk's length
-    ks64 = _int64(k_start) + offs_k.to(tl.int64)
-    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + ks64[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    b_ptrs = B + ks64[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
-    x_step = _int64(stride_xk) * BLOCK_K
-    b_step = _int64(stride_bk) * BLOCK_K
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_len, BLOCK_K):
-        k_ok = offs_k < k_len - k0
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc = _dot_w8(x, b, acc, DOT_PRECISION, DOT_UPCAST)
-        x_ptrs += x_step
-        b_ptrs += b_step
-
     n0 = pid_n.to(tl.int64) * BLOCK_N
+    k_start = as_int64(pid_k) * K_PER_SPLIT
+    k_len = tl.minimum(K - pid_k * K_PER_SPLIT, K_PER_SPLIT)  # this chunk's length
+    acc = mm_tile(
+        X + k_start * stride_xk, B + k_start * stride_bk, as_int64(0), n0, M, N, k_len,
+        stride_xm, stride_xk, stride_bk, stride_bn, tl.float32, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # (BLOCK_M, BLOCK_N) fp32  # fmt: skip
     if DIRECT:
-        _epilogue(acc, C, B_SCALE, B_SCALE, BIAS, _int64(0), n0, M, N, False, HAS_BIAS, BLOCK_M, BLOCK_N)
+        _epilogue(acc, C, B_SCALE, B_SCALE, BIAS, as_int64(0), n0, M, N, False, HAS_BIAS, BLOCK_M, BLOCK_N)
     else:
+        rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
-        ws = (WS + (pid_k.to(tl.int64) * M * N + n0)) + (offs_m[:, None] * N + rn[None, :])
-        tl.store(ws, acc, mask=m_ok[:, None] & n_ok[None, :])
+        ws = (WS + (pid_k.to(tl.int64) * M * N + n0)) + (rm[:, None] * N + rn[None, :])
+        tl.store(ws, acc, mask=(rm < M)[:, None] & (rn < N - n0)[None, :])
 
 
 @triton.jit
@@ -262,7 +253,7 @@ def _splitk_reduce_kernel(
     rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = rn < N
     row = tl.program_id(0).to(tl.int64) * N
-    split_stride = _int64(M) * N
+    split_stride = as_int64(M) * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLIT_K):
         acc += tl.load(WS + (s * split_stride + row) + rn, mask=ok, other=0.0)
@@ -310,20 +301,9 @@ _SPLIT_CONFIGS = {
     ("fma", 90): [(64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 4), (32, 64, 4, 3), (32, 32, 4, 4)],
     ("fma", 80): [(64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 4), (32, 64, 4, 3), (32, 32, 4, 4)],
 }  # fmt: skip
-_M_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 # Split-K aims at this many programs per SM (with BLOCK_N = 64).
 _SPLIT_WAVES = 4
 _REDUCE_BLOCK = 1024
-
-
-def _m_bucket(m: int) -> int:
-    return next((cap for cap in _M_BUCKETS if m <= cap), 2 * _M_BUCKETS[-1])
-
-
-def _arch(device: torch.device) -> int:
-    """90 for Hopper and newer, else 80 (Ampere and Ada use the sm_80 list)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -348,19 +328,6 @@ def _tuned_splitk(kind: str, arch: int):
     return triton.autotune(configs=configs, key=["N", "K", "K_PER_SPLIT", "DIRECT", "HAS_BIAS"])(_splitk_kernel)
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _dot_args(t: torch.Tensor) -> dict:
-    """DOT_PRECISION: fp32 x takes IEEE fp32 products (no TF32). DOT_UPCAST: bfloat16 under the interpreter."""
-    return dict(
-        DOT_PRECISION="ieee" if t.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=t.device.type != "cuda" and t.dtype == torch.bfloat16,
-    )
-
-
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
     """A 1-D scale / bias with unit stride (the kernels index them as contiguous; a copy only for a strided view)."""
     return None if t is None else t.contiguous()
@@ -375,9 +342,9 @@ def _launch_gemm(M: int, N: int, args: tuple, consts: dict, t: torch.Tensor, blo
     forced; CPU_CONFIG (or block) elsewhere. t: the A operand (its dtype picks the list)."""
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kind = _kind(t.dtype)
-    with _device_ctx(t):
+    with device_ctx(t):
         if t.is_cuda and block is None:
-            _tuned_gemm(kind, _arch(t.device))[grid](*args, **consts)
+            _tuned_gemm(kind, gpu_arch(t.device))[grid](*args, **consts)
             return
         if block is not None:
             if len(block) != 3 or not all(_pow2(b) for b in block) or (kind == "int8" and block[2] < 32):
@@ -415,7 +382,7 @@ def quantize_rows(x: torch.Tensor, *, block: tuple[int, int] | None = None) -> t
     else:
         br, bk = CPU_QUANT_BLOCK
     warps = 8 if br * bk >= 4096 else 4
-    with _device_ctx(x):
+    with device_ctx(x):
         _quantize_kernel[(triton.cdiv(M, br),)](
             x, q, scale, M, K, *x.stride(), ONE_TILE=bk >= K, BLOCK_R=br, BLOCK_K=bk, num_warps=warps
         )
@@ -445,7 +412,7 @@ def int8_matmul(
     if M == 0 or N == 0:
         return out
     a_scale, b_scale, bias = _vec(a_scale), _vec(b_scale), _vec(bias)
-    args = (a_q, b_q, out, a_scale, b_scale, bias, M, N, K, *a_q.stride(), b_q.stride(1), b_q.stride(0), _m_bucket(M))
+    args = (a_q, b_q, out, a_scale, b_scale, bias, M, N, K, *a_q.stride(), b_q.stride(1), b_q.stride(0), m_bucket(M))
     consts = dict(W8A16=False, HAS_BIAS=bias is not None, DOT_PRECISION="ieee", DOT_UPCAST=False)
     _launch_gemm(M, N, args, consts, a_q, block)
     return out
@@ -456,7 +423,7 @@ def _split_plan(N: int, K: int, x: torch.Tensor, k_per_split: int | None) -> tup
     multiple of K_SPLIT_UNIT (CPU_K_PER_SPLIT under the interpreter); k_per_split: test hook."""
     if k_per_split is None:
         if x.is_cuda:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            sms = sm_count(x.device)
             units = triton.cdiv(K, K_SPLIT_UNIT)
             split = max(1, min(units, triton.cdiv(_SPLIT_WAVES * sms, triton.cdiv(N, 64))))
             k_per_split = triton.cdiv(units, split) * K_SPLIT_UNIT
@@ -495,8 +462,8 @@ def w8a16_matmul(
     if small_m is None:
         small_m = M <= SMALL_M
     if not small_m:
-        args = (x, b_q, out, None, b_scale, bias, M, N, K, *x.stride(), b_q.stride(1), b_q.stride(0), _m_bucket(M))
-        _launch_gemm(M, N, args, dict(W8A16=True, HAS_BIAS=bias is not None, **_dot_args(x)), x, block)
+        args = (x, b_q, out, None, b_scale, bias, M, N, K, *x.stride(), b_q.stride(1), b_q.stride(0), m_bucket(M))
+        _launch_gemm(M, N, args, dict(W8A16=True, HAS_BIAS=bias is not None, **dot_args(x)), x, block)
         return out
     if M > SMALL_M:
         raise ValueError(f"int8: the split-K path takes M <= {SMALL_M}, got {M}")
@@ -504,11 +471,11 @@ def w8a16_matmul(
     direct = split == 1
     ws = out if direct else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     args = (x, b_q, ws, out, b_scale, bias, M, N, K, kps, *x.stride(), b_q.stride(1), b_q.stride(0))
-    consts = dict(DIRECT=direct, HAS_BIAS=bias is not None, **_dot_args(x))
+    consts = dict(DIRECT=direct, HAS_BIAS=bias is not None, **dot_args(x))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
-    with _device_ctx(x):
+    with device_ctx(x):
         if x.is_cuda and block is None:
-            _tuned_splitk(_kind(x.dtype), _arch(x.device))[grid](*args, **consts)
+            _tuned_splitk(_kind(x.dtype), gpu_arch(x.device))[grid](*args, **consts)
         else:
             if block is not None and (len(block) != 2 or not all(_pow2(b) for b in block)):
                 raise ValueError(f"int8: split-K block must be (BLOCK_N, BLOCK_K), powers of two >= 16, got {block}")

@@ -26,12 +26,10 @@ Under TRITON_INTERPRET=1, fp32 -> bfloat16 casts round toward zero (the interpre
 round to nearest even like torch, so a bfloat16 h can differ from x + residual by one ulp only in the interpreter.
 """
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from fastllm.kernels.triton._launch import device_ctx, sm_count
 
 # Single-block caps, in elements: the tile is held in registers as fp32 whatever T is, so the budget is in fp32
 # values, against 64K 32-bit registers per SM (at most 255 per thread). Forward: h (then xhat) plus a weight or
@@ -55,6 +53,41 @@ MAX_ROWS_PER_PROGRAM = 32
 
 
 @triton.jit
+def _load_h(x_row, R, H, row, stride_r, N, c, mask, HAS_RES: tl.constexpr):
+    """h at columns c (BLOCK_N,) of row `row`, fp32, padded lanes 0: x, or with a residual round_T(x + r), also
+    stored to H (h is rounded to T once: it is an output, and the statistics must see what the backward reloads)."""
+    h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(R + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
+        h_t = h.to(H.dtype.element_ty)
+        tl.store(H + row * N + c, h_t, mask=mask)
+        h = h_t.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _looped_stats(h_row, acc, N, eps, IS_RMS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(mean, rstd) of the row h_row[:N] of a looped kernel, from acc (BLOCK_N,), the per-lane sums of h (LN) or
+    h^2 (RMS) of pass 1. RMS: mean = 0, var = sum(h^2) / N. LN: a second pass over the stored row takes the centered
+    sum of squares (two-pass variance, no E[h^2] - E[h]^2 cancellation)."""
+    if IS_RMS:
+        mean = 0.0
+        var = tl.sum(acc, axis=0) / N  # (BLOCK_N,) -> scalar
+    else:
+        mean = tl.sum(acc, axis=0) / N
+        cols = tl.arange(0, BLOCK_N)
+        acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            c = off + cols
+            mask = c < N
+            h = tl.load(h_row + c, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, h - mean, 0.0)  # padded lanes would hold -mean
+            acc2 += d * d
+        var = tl.sum(acc2, axis=0) / N
+    return mean, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, OUT, H,  # X, R: (M, N) with row strides; W, B: (N,); OUT, H: (M, N) contiguous
     stride_x, stride_r,  # row strides of X and R (column stride 1)
@@ -75,13 +108,7 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     if SINGLE_BLOCK:
         mask = cols < N
-        h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N,), padded lanes 0
-        if HAS_RES:
-            h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            # round h to T once: it is an output, and the statistics must see what the backward will reload
-            h_t = h.to(H.dtype.element_ty)
-            tl.store(H + row * N + cols, h_t, mask=mask)
-            h = h_t.to(tl.float32)
+        h = _load_h(x_row, R, H, row, stride_r, N, cols, mask, HAS_RES)  # (BLOCK_N,), padded lanes 0
         if IS_RMS:
             xhat = h * tl.div_rn(1.0, tl.sqrt_rn(tl.sum(h * h, axis=0) / N + eps))  # (BLOCK_N,) -> scalar
         else:
@@ -100,12 +127,7 @@ def _norm_fwd_kernel(
         for off in range(0, N, BLOCK_N):
             c = off + cols
             mask = c < N
-            h = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                h += tl.load(R + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
-                h_t = h.to(H.dtype.element_ty)
-                tl.store(H + row * N + c, h_t, mask=mask)
-                h = h_t.to(tl.float32)
+            h = _load_h(x_row, R, H, row, stride_r, N, c, mask, HAS_RES)
             if IS_RMS:
                 acc += h * h
             else:
@@ -115,21 +137,7 @@ def _norm_fwd_kernel(
             h_row = H + row * N
         else:
             h_row = x_row
-        if IS_RMS:
-            mean = 0.0
-            var = tl.sum(acc, axis=0) / N  # (BLOCK_N,) -> scalar
-        else:
-            mean = tl.sum(acc, axis=0) / N
-            # pass 2: centered sum of squares (two-pass variance, no E[h^2] - E[h]^2 cancellation)
-            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for off in range(0, N, BLOCK_N):
-                c = off + cols
-                mask = c < N
-                h = tl.load(h_row + c, mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, h - mean, 0.0)
-                acc2 += d * d
-            var = tl.sum(acc2, axis=0) / N
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        mean, rstd = _looped_stats(h_row, acc, N, eps, IS_RMS, BLOCK_N)  # pass 2 (LN only) inside
         # pass 3: normalize and store
         for off in range(0, N, BLOCK_N):
             c = off + cols
@@ -216,20 +224,7 @@ def _norm_bwd_kernel(
                     acc += h * h
                 else:
                     acc += h
-            if IS_RMS:
-                mean = 0.0
-                var = tl.sum(acc, axis=0) / N  # (BLOCK_N,) -> scalar
-            else:
-                mean = tl.sum(acc, axis=0) / N
-                acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for off in range(0, N, BLOCK_N):
-                    c = off + cols
-                    mask = c < N
-                    h = tl.load(h_row + c, mask=mask, other=0.0).to(tl.float32)
-                    d = tl.where(mask, h - mean, 0.0)
-                    acc2 += d * d
-                var = tl.sum(acc2, axis=0) / N
-            rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+            mean, rstd = _looped_stats(h_row, acc, N, eps, IS_RMS, BLOCK_N)
             # pass 2: row sums of g and g * xhat; this program's partial dW / dB rows, read-modify-write
             # (only this program touches its buffer row, and each lane is reloaded by the thread that stored it)
             acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)  # (BLOCK_N,)
@@ -294,11 +289,6 @@ def _num_warps(block: int) -> int:
     return min(MAX_WARPS, max(1, block // 256))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _bwd_programs(m: int, num_warps: int, single_block: bool, device: torch.device) -> int:
     """G, the number of backward programs: at least M / MAX_ROWS_PER_PROGRAM (accuracy of dW / dB), at most M.
 
@@ -310,15 +300,10 @@ def _bwd_programs(m: int, num_warps: int, single_block: bool, device: torch.devi
     """
     if device.type == "cuda":
         per_sm = 1 if not single_block else min(32, max(1, 32 // num_warps))
-        programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+        programs = sm_count(device) * per_sm
     else:
         programs = CPU_BWD_PROGRAMS
     return max(1, min(m, max(programs, triton.cdiv(m, MAX_ROWS_PER_PROGRAM))))
-
-
-def _device_ctx(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool, *, block_n: int | None = None):
@@ -337,7 +322,7 @@ def norm_fwd(x, residual, weight, bias, eps: float, is_rms: bool, *, block_n: in
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
     block, single = _block_n(n, FWD_MAX_BLOCK_N, block_n)
-    with _device_ctx(x):
+    with device_ctx(x):
         _norm_fwd_kernel[(m,)](
             x, residual, weight, bias, out, h,
             x.stride(0), residual.stride(0) if residual is not None else 0,
@@ -375,7 +360,7 @@ def norm_bwd(dy, dh, h, weight, has_bias: bool, eps: float, is_rms: bool, *, blo
     alloc = torch.empty if single else torch.zeros
     dw_part = alloc((programs, n), dtype=torch.float32, device=h.device) if weight is not None else None
     db_part = alloc((programs, n), dtype=torch.float32, device=h.device) if has_bias else None
-    with _device_ctx(h):
+    with device_ctx(h):
         _norm_bwd_kernel[(programs,)](
             dy, dh, h, weight, dx, dw_part, db_part,
             dy.stride(0), dh.stride(0) if dh is not None else 0, h.stride(0),
