@@ -36,6 +36,14 @@ def rand(*shape, dtype=F32):
     return torch.randn(*shape, dtype=dtype, device=DEVICE)
 
 
+FP32_AND_BF16 = pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+
+
+def opt(present: bool, *shape, dtype):
+    """An optional input (bias, residual): a random tensor or None."""
+    return rand(*shape, dtype=dtype) if present else None
+
+
 def d64(t):
     return None if t is None else t.double()
 
@@ -81,18 +89,17 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 def test_linear(case, activation, dtype):
     M, N, K, has_b, has_r, save_pre = case
     x, w = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype)
-    b = rand(N, dtype=dtype) if has_b else None
-    r = rand(M, N, dtype=dtype) if has_r else None
+    b, r = opt(has_b, N, dtype=dtype), opt(has_r, M, N, dtype=dtype)
     check_linear(x, w, b, r, activation, save_pre, f"linear {case} {activation}")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 def test_linear_strided_inputs(dtype):
     """x a transposed view, w a transposed view (K-contiguous -> N-contiguous), residual a column slice."""
     x = rand(40, 33, dtype=dtype).T  # (33, 40), stride (1, 33)
@@ -156,7 +163,8 @@ def check_gated(x, wg, wu, bg, bu, activation, save_pre, name, **kw):
         assert g is None and u is None, f"{name}: g, u returned without save_pre"
 
 
-# (M, N, K, bg, bu, save_pre)
+# (M, N, K, bg, bu, save_pre). test_gated mirrors test_linear line for line (`duplicates` pairs them by shape):
+# two ops with different arguments, kept as two plain parametrized tests rather than one indirect one.
 GATED_CASES = [
     (1, 33, 7, True, True, True),
     (33, 7, 65, False, False, False),
@@ -164,14 +172,13 @@ GATED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 @pytest.mark.parametrize("activation", GATED_ACTS)
 @pytest.mark.parametrize("case", GATED_CASES, ids=str)
 def test_gated(case, activation, dtype):
     M, N, K, has_bg, has_bu, save_pre = case
     x, wg, wu = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype), rand(N, K, dtype=dtype)
-    bg = rand(N, dtype=dtype) if has_bg else None
-    bu = rand(N, dtype=dtype) if has_bu else None
+    bg, bu = opt(has_bg, N, dtype=dtype), opt(has_bu, N, dtype=dtype)
     check_gated(x, wg, wu, bg, bu, activation, save_pre, f"gated {case} {activation}")
 
 
@@ -212,7 +219,7 @@ def operands(M, N, K, dtype, a_t, b_t):
 MM_CASES = [(33, 7, 65, True, False), (65, 40, 33, False, True), (1, 33, 7, True, True)]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 @pytest.mark.parametrize("case", MM_CASES, ids=str)
 def test_matmul_none(case, dtype):
     M, N, K, a_t, b_t = case
@@ -223,7 +230,7 @@ def test_matmul_none(case, dtype):
     assert_equivalent(c, a @ b, a.double() @ b.double(), f"matmul {case}")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 @pytest.mark.parametrize("activation", GATED_ACTS)
 @pytest.mark.parametrize("case", MM_CASES[:2], ids=str)
 def test_matmul_dact(case, activation, dtype):
@@ -237,7 +244,7 @@ def test_matmul_dact(case, activation, dtype):
     assert_equivalent(c, dact_eager(a @ b, pre, activation), ref, f"dact {case} {activation}")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 @pytest.mark.parametrize("activation", GATED_ACTS)
 @pytest.mark.parametrize("case", MM_CASES[:2], ids=str)
 def test_matmul_dgated(case, activation, dtype):
@@ -269,7 +276,7 @@ def test_matmul_fp16_and_strided_aux():
 # Empty dimensions.
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@FP32_AND_BF16
 def test_k_zero(dtype):
     """K == 0: acc = 0, the epilogue still runs (bias, activation, residual, the gate)."""
     M, N = 7, 33

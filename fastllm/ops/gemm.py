@@ -42,8 +42,6 @@ from fastllm.ops import _pack
 from fastllm.ops._common import KERNEL_DTYPES, as_rows, check_float, check_like, check_tensor
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
-_ACT_CODE = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5}
-_MODE_CODE = {"plain": 0, "gated": 1, "dact": 2, "dgated": 3}
 
 # --------------------------------------------------------------------------------------------------
 # Activations in plain PyTorch (the reference path, and the backward's recomputation of act(pre)).
@@ -180,18 +178,23 @@ def _linear_check(x, w, b, residual, activation, save_pre):
     _check_activation(op, activation, True)
 
 
+def _check_chain(op: str, first: str, w_in, second: str, w_out, x) -> None:
+    """w_out (2-D) takes w_in's out_features as its in_features."""
+    check_tensor(op, second, w_out)
+    if w_out.dim() == 2 and w_out.shape[1] != w_in.shape[0]:
+        raise ValueError(
+            f"{op}: {first} and {second} do not chain: {first} has {w_in.shape[0]} out_features (shape "
+            f"{tuple(w_in.shape)}) but {second} has {w_out.shape[1]} in_features (shape {tuple(w_out.shape)})"
+        )
+    _check_weight(op, second, w_out, x, w_in.shape[0])
+
+
 def _ffn_check(x, w1, b1, w2, b2, activation, save_pre):
     op = "fused_ffn"
     _check_x(op, x)
     _check_weight(op, "w1", w1, x, x.shape[1])
     _check_bias(op, "b1", b1, x, w1.shape[0])
-    check_tensor(op, "w2", w2)
-    if w2.dim() == 2 and w2.shape[1] != w1.shape[0]:
-        raise ValueError(
-            f"{op}: w1 and w2 do not chain: w1 has {w1.shape[0]} out_features (shape {tuple(w1.shape)}) but w2 "
-            f"has {w2.shape[1]} in_features (shape {tuple(w2.shape)})"
-        )
-    _check_weight(op, "w2", w2, x, w1.shape[0])
+    _check_chain(op, "w1", w1, "w2", w2, x)
     _check_bias(op, "b2", b2, x, w2.shape[0])
     _check_activation(op, activation, False)
 
@@ -204,13 +207,7 @@ def _gated_check(x, wg, wu, wd, bg, bu, bd, activation, save_pre):
     if tuple(wu.shape) != tuple(wg.shape):
         raise ValueError(f"{op}: w_gate and w_up must have one shape, got {tuple(wg.shape)} and {tuple(wu.shape)}")
     _check_weight(op, "w_up", wu, x, x.shape[1])
-    check_tensor(op, "w_down", wd)
-    if wd.dim() == 2 and wd.shape[1] != wg.shape[0]:
-        raise ValueError(
-            f"{op}: w_gate/w_up and w_down do not chain: the intermediate size is {wg.shape[0]} but w_down "
-            f"has {wd.shape[1]} in_features (shape {tuple(wd.shape)})"
-        )
-    _check_weight(op, "w_down", wd, x, wg.shape[0])
+    _check_chain(op, "w_gate/w_up", wg, "w_down", wd, x)
     _check_bias(op, "b_gate", bg, x, wg.shape[0])
     _check_bias(op, "b_up", bu, x, wg.shape[0])
     _check_bias(op, "b_down", bd, x, wd.shape[0])
@@ -239,14 +236,9 @@ def _matmul_check(a, b, aux, aux2, mode, activation):
 # C++: the packed-weight cache and the GEMM engine calls.
 
 
-USE_BF16_DOT = True  # tests turn it off to run the AVX-512 fp32-FMA kernel on bf16 on a CPU with AVX512-BF16
-
-
-def _layout(dtype: torch.dtype) -> int:
-    """k-pairs (for the AVX512-BF16 kernel) for bf16 on a CPU and ISA setting that run it, else rows."""
-    C = _ext.C
-    bf16_dot = dtype == torch.bfloat16 and USE_BF16_DOT and C.isa() == "avx512" and C.avx512bf16_available()
-    return _pack.PAIRS if bf16_dot else _pack.ROWS
+def _layout(dtype: torch.dtype) -> str:
+    """k-pairs for bf16 where the ISA level runs the AVX512-BF16 kernel (avx512_dot), else rows."""
+    return "pairs" if _ext.dot_kernel(dtype) else "rows"
 
 
 def _packed_weight(w: torch.Tensor, w2: torch.Tensor | None = None) -> _pack.Packed:
@@ -257,10 +249,7 @@ def _packed_matrix(b: torch.Tensor) -> _pack.Packed:
     return _pack.pack_matrix(b, _layout(b.dtype))
 
 
-def _gemm(a, pk: _pack.Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None,
-          pre=None, pre2=None, aux=None, aux2=None) -> None:  # fmt: skip
-    _pack.gemm(a, pk, out, mode=_MODE_CODE[mode], act=_ACT_CODE[act], out2=out2, bias=bias, bias2=bias2, res=res,
-               pre=pre, pre2=pre2, aux=aux, aux2=aux2)  # fmt: skip
+_gemm = _pack.gemm  # epilogue mode and activation by name (the C++ enums' names, _ext.code)
 
 
 def _rows(t):

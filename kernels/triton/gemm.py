@@ -440,16 +440,9 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int]:
     return tuple(t.stride()) if t is not None else (0, 0)
 
 
-def linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    activation: str = "none",
-    save_pre: bool = False,
-    *,
-    block: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+           activation: str = "none", save_pre: bool = False, *, block: tuple[int, ...] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(y, pre) with pre = x @ w.T + bias (fp32 accumulation) and y = act(pre) + residual.
 
     x (M, K), w (N, K) (nn.Linear layout), any strides; bias (N,) or None; residual (M, N), any strides, or None;
@@ -477,17 +470,10 @@ def linear(
     return y, pre
 
 
-def gated(
-    x: torch.Tensor,
-    wg: torch.Tensor,
-    wu: torch.Tensor,
-    bg: torch.Tensor | None = None,
-    bu: torch.Tensor | None = None,
-    activation: str = "silu",
-    save_pre: bool = False,
-    *,
-    block: tuple[int, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def gated(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, bg: torch.Tensor | None = None,
+          bu: torch.Tensor | None = None, activation: str = "silu", save_pre: bool = False, *,
+          block: tuple[int, ...] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(h, g, u) with g = x @ wg.T + bg, u = x @ wu.T + bu, h = act(g) * u, in one kernel (_gated_kernel).
 
     x (M, K), wg / wu (N, K), any strides; bg / bu (N,) or None; one dtype and device; activation in
