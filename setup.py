@@ -1,7 +1,7 @@
 """Build driver: setuptools packages the Python code, CMake (+ ninja) builds the extension fastllm._C.
 
 The C++ includes no torch headers, so the build needs no torch and the binary works with any torch.
-FASTLLM_NO_CPP=1 skips the extension (fastllm then runs CPU ops on the reference path).
+FASTLLM_NO_CPP=1 skips the extension (fastllm then runs CPU ops on the reference path); 0 or unset builds it.
 CMAKE_ARGS (space-separated) are passed through to cmake.
 """
 
@@ -43,7 +43,11 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--config", cfg], cwd=build_dir, check=True)
 
 
-no_cpp = os.environ.get("FASTLLM_NO_CPP", "0") == "1"
+# FASTLLM_NO_CPP: 0 or 1 (unset or empty: 0), checked as fastllm/_ext.py checks it at import
+_no_cpp = os.environ.get("FASTLLM_NO_CPP", "") or "0"
+if _no_cpp not in ("0", "1"):
+    raise ValueError(f"FASTLLM_NO_CPP={_no_cpp!r} is not valid; accepted values: 0|1 (1 skips the C++ extension)")
+no_cpp = _no_cpp == "1"
 
 setup(
     packages=["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.kernels", "fastllm.kernels.triton"],

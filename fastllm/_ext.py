@@ -1,7 +1,16 @@
-"""Loads the C++ extension fastllm._C once, or says why it is not there.
+"""Loads the C++ extension fastllm._C once, or says why it is not there; reads its enum codes and ISA levels.
 
 Without it (no compiler at install time, FASTLLM_NO_CPP=1, a stale build) fastllm still imports, warns
 once, and CPU ops take the reference path.
+
+Environment, validated here at import (a bad value is a ValueError naming the variable and what it accepts;
+unset or empty means the default):
+    FASTLLM_NO_CPP=0|1                               1: do not load the extension (CPU ops run the reference)
+    FASTLLM_ISA=auto|scalar|avx2|avx512|avx512_dot    the ISA level of the C++ kernels (default auto: the best
+        this CPU and build run). Levels are ordered; each adds kernels to the one below: avx2 (every op),
+        avx512 (AVX-512 F/BW/VL/DQ FMA kernels: the GEMM engine), avx512_dot (+ vdpbf16ps for bf16 GEMMs and
+        vpdpbusd for W8A8 where the CPU has AVX512-BF16 / AVX512-VNNI). An op without a kernel at the level runs
+        its kernel of the highest level below. A level this CPU or build cannot run is an error.
 """
 
 import importlib
@@ -10,14 +19,21 @@ import warnings
 
 import torch
 
-ABI = 7  # must equal kAbi in kernels/cpp/bindings.cpp
+ABI = 8  # must equal kAbi in kernels/cpp/bindings.cpp
 
-# dtype codes shared with kernels/cpp/common.h (enum DType)
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+ISA_CHOICES = ("auto", "scalar", "avx2", "avx512", "avx512_dot")  # the levels: C.isa_levels(), in this order
+
+
+def env_choice(name: str, accepted: tuple[str, ...], default: str) -> str:
+    """Environment variable `name` (unset or empty: `default`), which must be one of `accepted`."""
+    value = os.environ.get(name, "") or default
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: {'|'.join(accepted)}")
+    return value
 
 
 def _load():
-    if os.environ.get("FASTLLM_NO_CPP", "0") == "1":
+    if env_choice("FASTLLM_NO_CPP", ("0", "1"), "0") == "1":
         return None, "disabled by FASTLLM_NO_CPP=1"
     try:
         _C = importlib.import_module("fastllm._C")
@@ -27,12 +43,65 @@ def _load():
         return None, f"fastllm._C did not load ({e}); reinstall with `pip install .`"
     if getattr(_C, "ABI", None) != ABI:
         return None, f"fastllm._C is a stale build (ABI {getattr(_C, 'ABI', None)}, expected {ABI}); reinstall"
-    return _C, f"loaded ({_C.isa()})"
+    return _C, "loaded"
 
 
+def _apply_isa(C, isa: str) -> None:
+    try:
+        C.set_isa(isa)
+    except ValueError as e:
+        runnable = "|".join(["auto"] + [name for name, why in C.isa_levels() if not why])
+        raise ValueError(f"FASTLLM_ISA={isa!r}: {e}; this CPU and build accept {runnable}") from None
+
+
+_isa = env_choice("FASTLLM_ISA", ISA_CHOICES, "auto")
 C, STATUS = _load()
 if C is None:
     warnings.warn(f"fastllm: C++ extension not available: {STATUS}. CPU ops use the reference path.", stacklevel=2)
+else:
+    _apply_isa(C, _isa)
+    STATUS = f"loaded ({C.isa()})"
+
+# The extension's enum codes by table and name (empty without it: then no C++ kernel is ever called).
+_CODES: dict[str, dict[str, int]] = {}
+if C is not None:
+    _CODES = {kind: dict(getattr(C, attr)) for kind, attr in (("dtype", "DTYPES"), ("activation", "ACTIVATIONS"),
+              ("epilogue", "EPILOGUES"), ("layout", "LAYOUTS"), ("mask", "MASKS"))}  # fmt: skip
+# torch dtype -> the DType code (the names in C.DTYPES are torch's)
+DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): c for name, c in _CODES.get("dtype", {}).items()}
+
+
+def code(kind: str, name: str) -> int:
+    """The C++ enum code of `name` in table `kind`: dtype, activation, epilogue, layout or mask (bindings.cpp)."""
+    return _CODES[kind][name]
+
+
+def dot_kernel(dtype: torch.dtype) -> bool:
+    """Whether the active ISA level runs an avx512_dot kernel for a GEMM with A and B both of `dtype`: vdpbf16ps
+    (AVX512-BF16) for bfloat16, vpdpbusd (AVX512-VNNI) for int8. The packed-B layout follows (ops/gemm.py,
+    ops/int8.py)."""
+    if dtype is torch.bfloat16:  # (`is`: dtypes are singletons, and this runs on every GEMM call)
+        feature = C.avx512bf16_available
+    elif dtype is torch.int8:
+        feature = C.avx512vnni_available
+    else:
+        return False
+    return C.isa() == "avx512_dot" and feature()
+
+
+def kernel_isa(avx512: bool, args) -> str:
+    """The ISA level of the C++ kernel an op runs on `args` now (for explain). avx512: the op has AVX-512 kernels
+    (the GEMM engine); others run their AVX2 kernel at levels above avx2. The dot kernels take GEMMs whose first
+    two arguments (activation, weight) share a dot dtype; W8A8 without one runs the AVX2 kernel (vpmaddwd)."""
+    isa = C.isa()
+    if isa not in ("avx512", "avx512_dot"):
+        return isa
+    if not avx512:
+        return "avx2"
+    a, b = args[0], args[1] if len(args) > 1 else None
+    if isa == "avx512_dot" and isinstance(b, torch.Tensor) and b.dtype == a.dtype and dot_kernel(a.dtype):
+        return "avx512_dot"
+    return "avx2" if a.dtype == torch.int8 else "avx512"
 
 
 # Elements of work per OpenMP thread below which a call does not fork (torch's own GRAIN_SIZE). A tiny

@@ -85,8 +85,7 @@ def _choose(kernels: dict, args) -> tuple[str, Callable | None, str]:
         if why is None:
             detail = "interpreter" if device == "cpu" else "GPU kernel"
             if name == "cpp":
-                isa = _ext.C.isa()
-                detail = f"{'avx2' if isa == 'avx512' and not kernels[name].avx512 else isa} kernel"
+                detail = f"{_ext.kernel_isa(kernels[name].avx512, args)} kernel"
             return name, kernels[name].run, detail
         reasons.append(f"{name}: {why}")
     reason = "; ".join(reasons) or f"no fast kernel for {device} tensors"

@@ -66,7 +66,8 @@ def cpu_features() -> dict:
     except OSError:
         pass
     names = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
-             "avx512vnni": "avx512_vnni"}  # fmt: skip
+             "avx512vl": "avx512vl", "avx512dq": "avx512dq", "avx512vnni": "avx512_vnni",
+             "avx512bf16": "avx512_bf16"}  # fmt: skip
     return {k: v in flags for k, v in names.items()}
 
 
@@ -98,8 +99,12 @@ def report() -> str:
         f"fastllm._C     {_ext.STATUS}",
     ]
     if _ext.C is not None:
-        lines.append(f"  ISA path     {_ext.C.isa()} (AVX2: {_ext.C.avx2_available()}, AVX-512 GEMM: "
-                     f"{_ext.C.avx512_available()}; FASTLLM_ISA=avx2|scalar narrows the choice)")  # fmt: skip
+        lines.append(f"  ISA path     {_ext.C.isa()} (FASTLLM_ISA={'|'.join(_ext.ISA_CHOICES)} chooses)")
+        levels = "; ".join(f"{name}: {'no (' + why + ')' if why else 'yes'}" for name, why in _ext.C.isa_levels())
+        lines.append(f"  ISA levels   {levels}")
+        dots = [f"vdpbf16ps (bf16 GEMMs): {'yes' if _ext.C.avx512bf16_available() else 'no'}",
+                f"vpdpbusd (W8A8): {'yes' if _ext.C.avx512vnni_available() else 'no'}"]  # fmt: skip
+        lines.append(f"  avx512_dot   {', '.join(dots)}")
         lines.append(
             f"  OpenMP       max threads {_ext.C.openmp_max_threads()}; calls use torch.get_num_threads(), "
             "one thread below 32K elements per thread"

@@ -88,16 +88,16 @@ def cpu_isa(request):
     C.set_isa(prev)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
+@pytest.fixture(params=["avx512_dot", "avx512", "avx2", "scalar"])
 def gemm_isa(request):
-    """The GEMM engine's ISA paths (only it has an AVX-512 kernel; the other ops run AVX2 code under avx512)."""
+    """The GEMM engine's ISA levels: avx512_dot (vdpbf16ps for bf16, vpdpbusd for W8A8), avx512 (FMA kernels),
+    avx2, scalar. Only the GEMM has AVX-512 kernels; the other ops run AVX2 code at the avx512 levels."""
     C = fastllm._ext.C
     if C is None:
         pytest.skip(f"C++ extension not loaded ({fastllm._ext.STATUS})")
-    if request.param == "avx2" and not C.avx2_available():
-        pytest.skip("this CPU has no AVX2+FMA+F16C")
-    if request.param == "avx512" and not C.avx512_available():
-        pytest.skip("this CPU or build has no AVX-512 (F/BW/VL/DQ)")
+    why_not = dict(C.isa_levels())[request.param]
+    if why_not:
+        pytest.skip(f"ISA level {request.param}: {why_not}")
     prev = C.set_isa(request.param)
     yield request.param
     C.set_isa(prev)

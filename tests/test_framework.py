@@ -14,8 +14,6 @@ import fastllm._ext
 
 
 def run_py(code: str, **env) -> subprocess.CompletedProcess:
-    import os
-
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
 
@@ -78,6 +76,67 @@ def test_info_cli():
         assert needle in r.stdout
     if fastllm._ext.C is not None:
         assert f"ISA path     {fastllm._ext.C.isa()}" in r.stdout
+        for name, why_not in fastllm._ext.C.isa_levels():  # every level, with the reason where it cannot run
+            assert (f"{name}: no ({why_not})" if why_not else f"{name}: yes") in r.stdout, r.stdout
+
+
+_LEVELS = "auto|scalar|avx2|avx512|avx512_dot"
+
+
+@pytest.mark.parametrize(
+    "var,value,accepted",
+    [("FASTLLM_ISA", "avx9000", _LEVELS), ("FASTLLM_ISA", "AVX2", _LEVELS), ("FASTLLM_NO_CPP", "yes", "0|1")],
+)
+def test_bad_environment_values_raise(var, value, accepted):
+    r = run_py("import fastllm", **{var: value})
+    assert r.returncode != 0
+    assert f"ValueError: {var}={value!r} is not valid; accepted values: {accepted}" in r.stderr, r.stderr
+
+
+def test_bad_no_cpp_value_fails_the_build():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "FASTLLM_NO_CPP": "true"})  # fmt: skip
+    assert r.returncode != 0
+    assert "FASTLLM_NO_CPP='true' is not valid; accepted values: 0|1" in r.stderr, r.stderr
+
+
+def test_isa_level_the_cpu_cannot_run_raises():
+    C = fastllm._ext.C
+    if C is None:
+        pytest.skip(f"C++ extension not loaded ({fastllm._ext.STATUS})")
+    missing = [(name, why_not) for name, why_not in C.isa_levels() if why_not]
+    if not missing:
+        pytest.skip("this CPU and build run every ISA level")
+    name, why_not = missing[0]
+    r = run_py("import fastllm", FASTLLM_ISA=name)
+    assert r.returncode != 0
+    assert f"ValueError: FASTLLM_ISA={name!r}" in r.stderr and why_not in r.stderr, r.stderr
+    with pytest.raises(ValueError, match=why_not):
+        C.set_isa(name)
+
+
+def test_isa_env_sets_the_level():
+    r = run_py("import fastllm._ext as e; print(e.C.isa() if e.C is not None else None)", FASTLLM_ISA="scalar")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["scalar" if fastllm._ext.C is not None else "None"]
+
+
+def test_extension_enum_tables_hold_the_names_python_passes():
+    """Python passes enum codes by name (fastllm._ext.code); these are the names it uses."""
+    from fastllm.ops import gemm
+
+    C = fastllm._ext.C
+    if C is None:
+        pytest.skip(f"C++ extension not loaded ({fastllm._ext.STATUS})")
+    assert set(C.ACTIVATIONS) == {"none", *gemm.ACTIVATIONS}
+    assert set(C.EPILOGUES) == {"plain", "gated", "dact", "dgated", "int8", "scale"}
+    assert set(C.LAYOUTS) == {"rows", "pairs", "i8_rows", "i16_pairs", "i8_quads"}
+    assert set(C.DTYPES) == {"float32", "bfloat16", "float16", "int8"}
+    assert set(fastllm._ext.DTYPE_CODES) == {torch.float32, torch.bfloat16, torch.float16, torch.int8}
+    assert [name for name, _ in C.isa_levels()] == list(fastllm._ext.ISA_CHOICES[1:])
 
 
 def test_no_torch_headers_in_cpp():

@@ -404,10 +404,13 @@ def test_triton_backend_through_the_ops(dtype):
     assert {d.backend for d in log} == {"triton"}
 
 
-@pytest.mark.parametrize("bf16_dot", [True, False], ids=["vdpbf16ps", "fma"])
-def test_bf16_kernels_of_the_avx512_path(gemm_isa, bf16_dot, monkeypatch):
-    """bf16 through each kernel an AVX-512 CPU can run (with and without AVX512-BF16), odd K, fwd + bwd."""
-    monkeypatch.setattr(L, "USE_BF16_DOT", bf16_dot)
+def test_bf16_kernels_of_each_isa_level(gemm_isa):
+    """bf16 through the kernel of each ISA level (avx512_dot: vdpbf16ps where the CPU has AVX512-BF16; avx512:
+    the fp32-FMA kernel on bf16), odd K, fwd + bwd."""
+    with fastllm.explain() as log:
+        fastllm.linear(torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16))
+    dot = gemm_isa == "avx512_dot" and fastllm._ext.C.avx512bf16_available()
+    assert log[0].reason == f"{'avx512_dot' if dot else gemm_isa} kernel", log[0].reason
     _check_all(
         lambda x, wg, wu, wd: fastllm.fused_gated_ffn(x, wg, wu, wd, activation="gelu_tanh"),
         lambda x, wg, wu, wd: eager_gated(x, wg, wu, wd, "gelu_tanh"),

@@ -15,9 +15,9 @@ import torch
 from fastllm import _ext
 from fastllm.ops._common import ptr
 
-# Layouts (enum Layout in gemm.h)
-ROWS, PAIRS, I8_ROWS, I16_PAIRS, I8_QUADS = 0, 1, 2, 3, 4
-_BUF_DTYPE = {I8_ROWS: torch.int8, I16_PAIRS: torch.int16, I8_QUADS: torch.int8}
+# Layouts by name (enum Layout in gemm.h, codes from _ext.code("layout", name)): rows, pairs (bf16 k-pairs, the
+# AVX512-BF16 kernel), i8_rows (W8A16), i16_pairs (W8A8, AVX2 and portable), i8_quads (W8A8, AVX512-VNNI).
+_BUF_DTYPE = {"i8_rows": torch.int8, "i16_pairs": torch.int16, "i8_quads": torch.int8}
 
 
 class Packed:
@@ -36,18 +36,20 @@ def clear_weight_cache() -> None:
     _cache.clear()
 
 
-def pack(src, src2, K, N, s_k, s_n, layout) -> Packed:
+def pack(src, src2, K, N, s_k, s_n, layout: str) -> Packed:
     """B(k, n) = src[k * s_k + n * s_n] (K x N), and the gated interleave with src2, in `layout`."""
-    code = _ext.DTYPE_CODES[src.dtype]
+    code, lcode = _ext.DTYPE_CODES[src.dtype], _ext.code("layout", layout)
     pcode = _ext.C.pack_dtype(code)
     gated = src2 is not None
-    dtype = _BUF_DTYPE.get(layout, torch.float32 if pcode == 0 else torch.bfloat16)
-    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated, layout), dtype=dtype)
-    colsum = torch.zeros(_ext.C.packed_b_elems(1, N, gated, ROWS), dtype=torch.int32) if layout == I8_QUADS else None
+    dtype = _BUF_DTYPE.get(layout, torch.float32 if pcode == _ext.DTYPE_CODES[torch.float32] else torch.bfloat16)
+    buf = torch.empty(_ext.C.packed_b_elems(K, N, gated, lcode), dtype=dtype)
+    colsum = None
+    if layout == "i8_quads":
+        colsum = torch.zeros(_ext.C.packed_b_elems(1, N, gated, _ext.code("layout", "rows")), dtype=torch.int32)
     if buf.numel():
         _ext.C.pack_b(
             dst=buf.data_ptr(), src=src.data_ptr(), src2=ptr(src2), K=K, N=N, s_k=s_k, s_n=s_n, src_dt=code,
-            layout=layout, colsum=ptr(colsum), nthreads=_ext.num_threads(K * N),
+            layout=lcode, colsum=ptr(colsum), nthreads=_ext.num_threads(K * N),
         )  # fmt: skip
     return Packed(buf, pcode, K, N, gated, layout, colsum)
 
@@ -56,7 +58,7 @@ def _key(w):
     return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
 
 
-def cached_weight(w: torch.Tensor, w2: torch.Tensor | None, layout: int) -> Packed:
+def cached_weight(w: torch.Tensor, w2: torch.Tensor | None, layout: str) -> Packed:
     """B(k, n) = w[n, k] (nn.Linear layout; the gated interleave with w2), packed; cached while unchanged."""
     N, K = w.shape
     ws = (w,) if w2 is None else (w, w2)
@@ -85,20 +87,24 @@ def cached_weight(w: torch.Tensor, w2: torch.Tensor | None, layout: int) -> Pack
     return packed
 
 
-def pack_matrix(b: torch.Tensor, layout: int) -> Packed:
+def pack_matrix(b: torch.Tensor, layout: str) -> Packed:
     """B (K, N) as given (any strides), packed for one call."""
     K, N = b.shape
     return pack(b, None, K, N, b.stride(0), b.stride(1), layout)
 
 
-def gemm(a, pk: Packed, out, *, mode=0, act=0, out2=None, bias=None, bias2=None, res=None, pre=None, pre2=None,
-         aux=None, aux2=None, a_scale=None, b_scale=None) -> None:  # fmt: skip
-    """out (M, N) = epilogue(a (M, K) @ B) on the C++ engine; tensors with unit column stride except a."""
+def gemm(a, pk: Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None, pre=None,
+         pre2=None, aux=None, aux2=None, a_scale=None, b_scale=None) -> None:  # fmt: skip
+    """out (M, N) = epilogue(a (M, K) @ B) on the C++ engine; tensors with unit column stride except a.
+
+    mode: the epilogue (gemm.h): plain, gated, dact, dgated, int8 (W8A8), scale (W8A16); act: none or an activation.
+    """
     M, K = a.shape
     N = out.shape[1]
     _ext.C.gemm(
         M=M, N=N, K=K, a=a.data_ptr(), a_rs=a.stride(0), a_cs=a.stride(1), a_dt=_ext.DTYPE_CODES[a.dtype],
-        b=pk.buf.data_ptr(), b_dt=pk.code, b_layout=pk.layout, mode=mode, act=act,
+        b=pk.buf.data_ptr(), b_dt=pk.code, b_layout=_ext.code("layout", pk.layout),
+        mode=_ext.code("epilogue", mode), act=_ext.code("activation", act),
         c=out.data_ptr(), ldc=out.stride(0), c2=ptr(out2), bias=ptr(bias), bias2=ptr(bias2), res=ptr(res),
         ld_res=res.stride(0) if res is not None else 0, pre=ptr(pre), pre2=ptr(pre2),
         ld_pre=pre.stride(0) if pre is not None else 0, aux=ptr(aux), aux2=ptr(aux2),

@@ -11,9 +11,10 @@
 #include "common.h"
 #include "gemm.h"
 #include "layer_norm.h"
-#include "quant.h"
+#include "int8.h"
 
 namespace py = pybind11;
+using namespace pybind11::literals;
 
 namespace fastllm {
 void norm_fwd(const NormFwd& a);
@@ -22,11 +23,10 @@ void attn_fwd(const AttnFwd& a);
 void attn_bwd(const AttnBwd& a);
 std::string set_isa(const std::string& name);
 const char* isa_name(Isa isa);
+std::vector<std::pair<std::string, std::string>> isa_levels();
 bool cpu_has(const char* name);
 bool avx2_path_available();
 bool avx512_path_available();
-bool avx512bf16_path_available();
-bool avx512vnni_path_available();
 void copy_bytes(void* dst, const void* src, int64_t nbytes, int nthreads, bool stream);
 double fma_loop(int64_t iters, int nthreads, bool avx2);
 double fma_loop_512(int64_t iters, int nthreads);
@@ -35,7 +35,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 7;
+constexpr int kAbi = 8;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -78,17 +78,37 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastllm C++/OpenMP CPU kernels (ABI-free: raw pointers in, no torch headers)";
   m.attr("ABI") = kAbi;
 
-  m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The ISA path the kernels use now.");
-  m.def("set_isa", &set_isa, py::arg("name"), "Switch to 'auto', 'scalar', 'avx2' or 'avx512'; returns the previous path.");
+  // The codes of the enums Python passes, by name: fastllm/_ext.py reads every code from these tables.
+  m.attr("DTYPES") = py::dict("float32"_a = int(kF32), "bfloat16"_a = int(kBF16), "float16"_a = int(kF16),
+                              "int8"_a = int(kI8));
+  m.attr("ACTIVATIONS") = py::dict("none"_a = int(kActNone), "gelu"_a = int(kActGelu),
+                                   "gelu_tanh"_a = int(kActGeluTanh), "quick_gelu"_a = int(kActQuickGelu),
+                                   "relu"_a = int(kActRelu), "silu"_a = int(kActSilu));
+  m.attr("EPILOGUES") = py::dict("plain"_a = int(kEpiPlain), "gated"_a = int(kEpiGated), "dact"_a = int(kEpiDact),
+                                 "dgated"_a = int(kEpiDgated), "int8"_a = int(kEpiInt8), "scale"_a = int(kEpiScale));
+  m.attr("LAYOUTS") = py::dict("rows"_a = int(kLayoutRows), "pairs"_a = int(kLayoutPairs),
+                               "i8_rows"_a = int(kLayoutI8Rows), "i16_pairs"_a = int(kLayoutI16Pairs),
+                               "i8_quads"_a = int(kLayoutI8Quads));
+  m.attr("MASKS") = py::dict("none"_a = kMaskNone, "bool"_a = kMaskBool);  // attention: else a DTYPES code
+
+  m.def("isa", [] { return std::string(isa_name(active_isa())); }, "The ISA level the kernels use now.");
+  m.def("set_isa", &set_isa, py::arg("name"),
+        "Switch to 'auto' (the best available) or a level of isa_levels(); returns the previous level. "
+        "ValueError (with the reason) for a level this CPU or build cannot run.");
+  m.def("isa_levels", &isa_levels,
+        "[(level, why not)] for scalar, avx2, avx512, avx512_dot in order; why not is '' where this CPU and "
+        "build can run the level.");
   m.def("avx2_available", &avx2_path_available, "Whether this build and CPU can run the AVX2+FMA+F16C path.");
   m.def("avx512_available", &avx512_path_available, "Whether this build and CPU can run the AVX-512 GEMM path.");
   m.def("avx512vnni_available", &avx512vnni_path_available,
-        "Whether the AVX-512 path can use vpdpbusd (W8A8 GEMMs with B packed in k-quads).");
+        "Whether level avx512_dot runs W8A8 GEMMs with vpdpbusd (B packed in k-quads).");
   m.def("avx512bf16_available", &avx512bf16_path_available,
-        "Whether the AVX-512 path can use vdpbf16ps (bf16 GEMMs with B packed in k-pairs).");
+        "Whether level avx512_dot runs bf16 GEMMs with vdpbf16ps (B packed in k-pairs).");
   m.def("cpu_features", [] {
     py::dict d;
-    for (const char* f : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512bf16"}) d[f] = cpu_has(f);
+    for (const char* f : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni",
+                          "avx512bf16"})
+      d[f] = cpu_has(f);
     return d;
   });
   m.def("openmp_max_threads", [] { return omp_get_max_threads(); });

@@ -1,9 +1,10 @@
-// Shared helpers for the C++ kernels: dtype codes, scalar fp16/bf16 conversions, ISA selection.
+// Shared helpers for the C++ kernels: dtype codes, scalar fp16/bf16 conversions, ISA levels, dispatch helpers.
 //
-// Everything here is `static inline` or a plain declaration: this header is included by the portable TUs
-// and by the *_avx2.cpp TUs (compiled with -mavx2 -mfma -mf16c). Internal linkage keeps the linker from
-// merging an AVX2-compiled copy of a helper into the portable path (an ODR trap that would SIGILL on
-// CPUs without AVX2). For the same reason the *_avx2.cpp TUs use no std:: containers or algorithms.
+// Everything here is `static inline`, a template in an unnamed namespace, or a plain declaration: this header
+// is included by the portable TUs and by the *_avx2.cpp / *_avx512*.cpp TUs (compiled with wider ISA flags).
+// Internal linkage keeps the linker from merging a wider-ISA copy of a helper into the portable path (an ODR
+// trap that would SIGILL on CPUs without that ISA). For the same reason the ISA TUs use no std:: containers
+// or algorithms.
 #pragma once
 
 #include <cstddef>
@@ -11,17 +12,35 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 namespace fastllm {
 
-// Storage dtype codes, shared with fastllm/_ext.py (DTYPE_CODES).
+// Storage dtype codes. Python reads them by name from the extension (_C.DTYPES, bindings.cpp), never by number.
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
-// Instruction-set paths; chosen once from the CPU's features (cpu_features.cpp), overridable for tests.
-// Ordered: a path runs the kernels of every lower path that has no version of its own (only the GEMM has an
-// AVX-512 version; under kAvx512 the other ops run their AVX2 kernels).
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// ISA levels, ordered; each adds kernels to the one below, and an op without a kernel of its own at the active
+// level runs its kernel of the highest level below (cpu_features.cpp):
+//   kScalar     portable C++
+//   kAvx2       AVX2 + FMA + F16C: every op
+//   kAvx512     AVX-512 F/BW/VL/DQ FMA kernels: the GEMM engine (fp32/bf16/fp16 and W8A16)
+//   kAvx512Dot  + the dot-product instructions this CPU has: vdpbf16ps (AVX512-BF16) for bf16 x bf16 GEMMs,
+//               vpdpbusd (AVX512-VNNI) for W8A8
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Dot = 3 };
 Isa active_isa();
+bool avx512bf16_path_available();  // the AVX512-BF16 GEMM kernel: built, and this CPU has the instructions
+bool avx512vnni_path_available();  // the AVX512-VNNI W8A8 kernel: likewise
+
+// The ISA kernels this build compiled: CMake defines FASTLLM_HAVE_<ISA>=1 for each kind of TU it could build.
+// FASTLLM_BUILT(M) is true where M is defined as 1 (it stringizes M's expansion: "1", or the macro's own name
+// where it is undefined). A dispatch calls an ISA entry point under `if constexpr (kBuilt...)`: in a build
+// without that TU the call is a discarded statement, so the declaration needs no definition.
+#define FASTLLM_STR_(x) #x
+#define FASTLLM_BUILT(m) (FASTLLM_STR_(m)[0] == '1')
+constexpr bool kBuiltAvx2 = FASTLLM_BUILT(FASTLLM_HAVE_AVX2);
+constexpr bool kBuiltAvx512 = FASTLLM_BUILT(FASTLLM_HAVE_AVX512);
+constexpr bool kBuiltAvx512Bf16 = FASTLLM_BUILT(FASTLLM_HAVE_AVX512BF16);
+constexpr bool kBuiltAvx512Vnni = FASTLLM_BUILT(FASTLLM_HAVE_AVX512VNNI);
 
 // Hint the OS to back a large, about-to-be-written output with huge pages (memory.cpp).
 void advise_huge_pages(void* p, int64_t nbytes);
@@ -81,31 +100,45 @@ static inline uint16_t f32_to_f16(float f) {
   return sign | static_cast<uint16_t>(u >> 13);
 }
 
-// Scalar storage policies: load one element as fp32 / round one fp32 into storage.
-struct F32s {
-  using T = float;
-  static constexpr int kCode = kF32;
-  static constexpr bool kIsF32 = true;
-  static float load(const float* p) { return *p; }
-  static float from(float v) { return v; }
-  static float to(float v) { return v; }
+static inline float f32_same(float v) { return v; }
+
+// Scalar storage policies: T the storage type, load one element as fp32 / round one fp32 into storage.
+// To and From are internal-linkage functions, so each TU instantiates its own copy (see above).
+template <class T_, int Code, float (*To)(T_), T_ (*From)(float)>
+struct Scalars {
+  using T = T_;
+  static constexpr int kCode = Code;
+  static constexpr bool kIsF32 = Code == kF32;
+  static float load(const T* p) { return To(*p); }
+  static T from(float v) { return From(v); }
+  static float to(T v) { return To(v); }
 };
-struct BF16s {
-  using T = uint16_t;
-  static constexpr int kCode = kBF16;
-  static constexpr bool kIsF32 = false;
-  static float load(const uint16_t* p) { return bf16_to_f32(*p); }
-  static uint16_t from(float v) { return f32_to_bf16(v); }
-  static float to(uint16_t v) { return bf16_to_f32(v); }
-};
-struct F16s {
-  using T = uint16_t;
-  static constexpr int kCode = kF16;
-  static constexpr bool kIsF32 = false;
-  static float load(const uint16_t* p) { return f16_to_f32(*p); }
-  static uint16_t from(float v) { return f32_to_f16(v); }
-  static float to(uint16_t v) { return f16_to_f32(v); }
-};
+using F32s = Scalars<float, kF32, f32_same, f32_same>;
+using BF16s = Scalars<uint16_t, kBF16, bf16_to_f32, f32_to_bf16>;
+using F16s = Scalars<uint16_t, kF16, f16_to_f32, f32_to_f16>;
+
+// f(S{}) with the scalar storage policy S of a float dtype code (codes are validated before any kernel runs;
+// anything but kBF16 and kF16 is fp32). Turns a run-time dtype into a template argument without a switch
+// per call site; the call inlines.
+template <class F>
+static inline void with_float_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kBF16: return f(BF16s{});
+    case kF16: return f(F16s{});
+    default: return f(F32s{});
+  }
+}
+
+// f(std::bool_constant<a>{}, std::bool_constant<b>{}): two run-time flags as template arguments.
+template <class F>
+static inline void with_flags(bool a, bool b, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (a)
+    b ? f(T{}, T{}) : f(T{}, N{});
+  else
+    b ? f(N{}, T{}) : f(N{}, N{});
+}
 
 // 64-byte aligned float scratch; throws std::bad_alloc (-> MemoryError) before any parallel region.
 static inline float* alloc_floats(size_t n) {

@@ -1,11 +1,15 @@
-// CPU feature detection and the ISA switch. The AVX2 path needs AVX2, FMA and F16C (fp16 conversion);
-// __builtin_cpu_supports also checks that the OS saves the YMM state (XGETBV), so a feature it reports
-// is usable. FASTLLM_ISA=scalar|avx2 (or set_isa from Python) overrides the choice, e.g. to test the
-// portable path on an AVX2 machine.
+// CPU feature detection and the ISA level switch (the levels: common.h, enum Isa).
+//
+// __builtin_cpu_supports also checks that the OS saves the vector state (XGETBV), so a feature it reports is
+// usable. The level starts at the best one this CPU and build can run; set_isa switches it (tests, benchmarks,
+// and fastllm/_ext.py, which applies FASTLLM_ISA after validating it: a bad value is an error there, where
+// Python can name the variable, instead of being ignored here).
 #include <atomic>
-#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -13,94 +17,116 @@ namespace fastllm {
 
 namespace {
 
-bool has(const char* name) {
+struct Feature {
+  const char* name;
+  bool on;
+};
+
+// The CPU features the kernels look at, read once. (__builtin_cpu_supports takes only a string literal.)
+const std::vector<Feature>& features() {
 #if defined(__x86_64__) || defined(__i386__)
-  const std::string n(name);
-  if (n == "avx2") return __builtin_cpu_supports("avx2");
-  if (n == "fma") return __builtin_cpu_supports("fma");
-  if (n == "f16c") return __builtin_cpu_supports("f16c");
-  if (n == "avx512f") return __builtin_cpu_supports("avx512f");
-  if (n == "avx512bw") return __builtin_cpu_supports("avx512bw");
-  if (n == "avx512vl") return __builtin_cpu_supports("avx512vl");
-  if (n == "avx512dq") return __builtin_cpu_supports("avx512dq");
-  if (n == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
-  if (n == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
+#define FASTLLM_FEATURE(f) Feature{f, __builtin_cpu_supports(f) != 0}
+  static const std::vector<Feature> t = [] {
+    __builtin_cpu_init();  // safe to call twice; needed if this runs before libgcc's own constructor
+    return std::vector<Feature>{FASTLLM_FEATURE("avx2"),     FASTLLM_FEATURE("fma"),        FASTLLM_FEATURE("f16c"),
+                                FASTLLM_FEATURE("avx512f"),  FASTLLM_FEATURE("avx512bw"),   FASTLLM_FEATURE("avx512vl"),
+                                FASTLLM_FEATURE("avx512dq"), FASTLLM_FEATURE("avx512vnni"), FASTLLM_FEATURE("avx512bf16")};
+  }();
+#undef FASTLLM_FEATURE
 #else
-  (void)name;
+  static const std::vector<Feature> t;
 #endif
+  return t;
+}
+
+bool has(const char* name) {
+  for (const Feature& f : features())
+    if (std::strcmp(f.name, name) == 0) return f.on;
   return false;
 }
 
-bool avx2_usable() {
-#if defined(FASTLLM_HAVE_AVX2)
-  return has("avx2") && has("fma") && has("f16c");
-#else
-  return false;
-#endif
+// Whether this CPU and build can run a level, and why not (each level needs the one below).
+struct Level {
+  bool ok;
+  const char* why_not;
+};
+
+Level level_of(Isa isa) {
+  if (isa == Isa::kScalar) return {true, nullptr};
+  if (!kBuiltAvx2) return {false, "this build has no x86 SIMD kernels"};
+  if (!(has("avx2") && has("fma") && has("f16c"))) return {false, "this CPU lacks AVX2, FMA or F16C"};
+  if (isa == Isa::kAvx2) return {true, nullptr};
+  if (!kBuiltAvx512) return {false, "this build has no AVX-512 kernels"};
+  if (!(has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq")))
+    return {false, "this CPU lacks AVX-512 F, BW, VL or DQ"};
+  if (isa == Isa::kAvx512) return {true, nullptr};
+  if (!avx512bf16_path_available() && !avx512vnni_path_available())
+    return {false, "this CPU (or this build's compiler) has neither AVX512-BF16 (vdpbf16ps) nor AVX512-VNNI (vpdpbusd)"};
+  return {true, nullptr};
 }
 
-bool avx512_usable() {
-#if defined(FASTLLM_HAVE_AVX512)
-  return avx2_usable() && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq");
-#else
-  return false;
-#endif
+constexpr Isa kLevels[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Dot};
+
+Isa best_isa() {
+  Isa best = Isa::kScalar;
+  for (Isa isa : kLevels)
+    if (level_of(isa).ok) best = isa;
+  return best;
 }
 
-Isa best_isa() { return avx512_usable() ? Isa::kAvx512 : (avx2_usable() ? Isa::kAvx2 : Isa::kScalar); }
-
-Isa initial_isa() {
-  const char* env = std::getenv("FASTLLM_ISA");
-  if (env != nullptr && std::string(env) == "scalar") return Isa::kScalar;
-  if (env != nullptr && std::string(env) == "avx2" && avx2_usable()) return Isa::kAvx2;
-  return best_isa();
-}
-
-std::atomic<int> g_isa{static_cast<int>(initial_isa())};
+std::atomic<int> g_isa{static_cast<int>(best_isa())};
 
 }  // namespace
 
 Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : (isa == Isa::kAvx2 ? "avx2" : "scalar");
+  switch (isa) {
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Dot: return "avx512_dot";
+    default: return "scalar";
+  }
 }
 
-// Switches the ISA path; returns the previous one. Asking for a path this CPU or build lacks is an error.
+// Every level in order, with "" where this CPU and build can run it and the reason where not.
+std::vector<std::pair<std::string, std::string>> isa_levels() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (Isa isa : kLevels) {
+    const Level l = level_of(isa);
+    out.emplace_back(isa_name(isa), l.ok ? "" : l.why_not);
+  }
+  return out;
+}
+
+// Switches to a level by name ("auto": the best available); returns the previous one. A level this CPU or
+// build cannot run is an error that says why.
 std::string set_isa(const std::string& name) {
   const std::string prev = isa_name(active_isa());
-  if (name == "scalar") {
-    g_isa = static_cast<int>(Isa::kScalar);
-  } else if (name == "avx2") {
-    if (!avx2_usable()) throw std::invalid_argument("set_isa: this CPU or build has no AVX2+FMA+F16C path");
-    g_isa = static_cast<int>(Isa::kAvx2);
-  } else if (name == "avx512") {
-    if (!avx512_usable()) throw std::invalid_argument("set_isa: this CPU or build has no AVX-512 (F/BW/VL/DQ) path");
-    g_isa = static_cast<int>(Isa::kAvx512);
-  } else if (name == "auto") {
+  if (name == "auto") {
     g_isa = static_cast<int>(best_isa());
-  } else {
-    throw std::invalid_argument("set_isa: expected 'auto', 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+    return prev;
   }
-  return prev;
+  for (Isa isa : kLevels) {
+    if (name != isa_name(isa)) continue;
+    const Level l = level_of(isa);
+    if (!l.ok) throw std::invalid_argument("set_isa('" + name + "'): " + l.why_not);
+    g_isa = static_cast<int>(isa);
+    return prev;
+  }
+  throw std::invalid_argument("set_isa: expected auto|scalar|avx2|avx512|avx512_dot, got '" + name + "'");
 }
 
 bool cpu_has(const char* name) { return has(name); }
-bool avx2_path_available() { return avx2_usable(); }
-bool avx512_path_available() { return avx512_usable(); }
+bool avx2_path_available() { return level_of(Isa::kAvx2).ok; }
+bool avx512_path_available() { return level_of(Isa::kAvx512).ok; }
 bool avx512vnni_path_available() {
-#if defined(FASTLLM_HAVE_AVX512VNNI)
-  return avx512_usable() && has("avx512vnni");
-#else
-  return false;
-#endif
+  static const bool ok = kBuiltAvx512Vnni && avx512_path_available() && has("avx512vnni");
+  return ok;
 }
 bool avx512bf16_path_available() {
-#if defined(FASTLLM_HAVE_AVX512BF16)
-  return avx512_usable() && has("avx512bf16");
-#else
-  return false;
-#endif
+  static const bool ok = kBuiltAvx512Bf16 && avx512_path_available() && has("avx512bf16");
+  return ok;
 }
 
 }  // namespace fastllm

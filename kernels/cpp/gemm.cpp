@@ -5,21 +5,13 @@
 
 namespace fastllm {
 
-#ifdef FASTLLM_HAVE_AVX2
+// The ISA paths' entry points (gemm_avx2.cpp, gemm_avx512*.cpp, int8_avx512vnni.cpp), called only where built
+// (common.h, kBuilt*) and only at an ISA level that reaches them.
 void gemm_avx2(const Gemm& g);
 void gemm_avx2_i8(const Gemm& g);
-#endif
-#ifdef FASTLLM_HAVE_AVX512VNNI
-void gemm_avx512vnni(const Gemm& g);
-#endif
-bool avx512vnni_path_available();
-#ifdef FASTLLM_HAVE_AVX512
 void gemm_avx512(const Gemm& g);
-#endif
-#ifdef FASTLLM_HAVE_AVX512BF16
 void gemm_avx512bf16(const Gemm& g);
-#endif
-bool avx512bf16_path_available();
+void gemm_avx512vnni(const Gemm& g);
 
 namespace {
 
@@ -90,12 +82,17 @@ void pack_all(const PackB& pb) {
   for (int64_t p = 0; p < panels; ++p) pack_panel<S>(pb, p);
 }
 
-struct ScalarOps {
-  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
-  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
-    pack_a_float<kMR>(g, m0, mr, k0, kc, d);
+// The portable epilogue: scalar, per row and column.
+struct ScalarEpilogue {
+  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+    const int64_t w = panel_out_cols(g, p);
+    with_float_dtype(g.c_dt, [&](auto s) {
+      for (int r = 0; r < rows; ++r) epilogue_cols_scalar<decltype(s)>(g, tile + r * ldt, m + r, p, 0, w);
+    });
   }
-  static int64_t a_words(int64_t kc) { return kc; }
+};
+
+struct ScalarOps : OpsShape<6, kMC, kKC, 1, kAPackF32>, ScalarEpilogue {
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     float acc[kMR][kNR] = {}, part[kMR][kNR] = {};
@@ -124,25 +121,10 @@ struct ScalarOps {
         c[r * ldc + j] = load ? c[r * ldc + j] + v : v;
       }
   }
-  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-    const int64_t w = panel_out_cols(g, p);
-    for (int r = 0; r < rows; ++r) {
-      switch (g.c_dt) {
-        case kBF16: epilogue_cols_scalar<BF16s>(g, tile + r * ldt, m + r, p, 0, w); break;
-        case kF16: epilogue_cols_scalar<F16s>(g, tile + r * ldt, m + r, p, 0, w); break;
-        default: epilogue_cols_scalar<F32s>(g, tile + r * ldt, m + r, p, 0, w); break;
-      }
-    }
-  }
 };
 
 // W8A8, portable: int16 k-pairs of A and B (kLayoutI16Pairs), exact int32 sums.
-struct ScalarI8Ops {
-  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = 512, kPanels = 1;
-  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
-    pack_a_i16pairs<kMR>(g, m0, mr, k0, kc, d);
-  }
-  static int64_t a_words(int64_t kc) { return (kc + 1) / 2; }
+struct ScalarI8Ops : OpsShape<6, kMC, 512, 1, kAPackI16Pairs>, ScalarEpilogue {
   static void ukr(int rows, int, int64_t kc, const float* af, const void* b, int64_t, int, float* cf, int64_t ldc,
                   bool load) {
     const int16_t* a = reinterpret_cast<const int16_t*>(af);
@@ -155,9 +137,6 @@ struct ScalarI8Ops {
     int32_t* c = reinterpret_cast<int32_t*>(cf);
     for (int r = 0; r < rows; ++r)
       for (int j = 0; j < kNR; ++j) c[r * ldc + j] = load ? c[r * ldc + j] + acc[r][j] : acc[r][j];
-  }
-  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-    ScalarOps::epilogue(g, tile, ldt, m, rows, p);
   }
 };
 
@@ -173,11 +152,7 @@ void pack_b(const PackB& pb) {
       (int8_layout && pb.src2 != nullptr))
     throw std::invalid_argument("pack_b: bad arguments");
   if (pb.src_dt == kI8) return pack_all<I8s>(pb);
-  switch (pb.src_dt) {
-    case kBF16: return pack_all<BF16s>(pb);
-    case kF16: return pack_all<F16s>(pb);
-    default: return pack_all<F32s>(pb);
-  }
+  with_float_dtype(pb.src_dt, [&](auto s) { pack_all<decltype(s)>(pb); });
 }
 
 void gemm(const Gemm& g) {
@@ -200,33 +175,29 @@ void gemm(const Gemm& g) {
       (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
   if (g.M == 0 || g.N == 0) return;
+  const Isa isa = active_isa();
   if (w8a8) {
-    if (g.b_layout == kLayoutI8Quads) {
-#ifdef FASTLLM_HAVE_AVX512VNNI
-      if (active_isa() == Isa::kAvx512 && avx512vnni_path_available()) return gemm_avx512vnni(g);
-#endif
-      throw std::invalid_argument("gemm: B is packed for the AVX512-VNNI kernel, which this CPU or ISA setting lacks");
+    if (g.b_layout == kLayoutI8Quads) {  // packed for the AVX512-VNNI kernel only
+      if constexpr (kBuiltAvx512Vnni)
+        if (isa >= Isa::kAvx512Dot && avx512vnni_path_available()) return gemm_avx512vnni(g);
+      throw std::invalid_argument("gemm: B is packed for the AVX512-VNNI kernel, which this CPU or ISA level lacks");
     }
-#ifdef FASTLLM_HAVE_AVX2
-    if (active_isa() >= Isa::kAvx2) return gemm_avx2_i8(g);
-#endif
+    if constexpr (kBuiltAvx2)
+      if (isa >= Isa::kAvx2) return gemm_avx2_i8(g);
     return gemm_impl<ScalarI8Ops>(g);
   }
   if (g.b_layout == kLayoutPairs) {  // packed for the AVX512-BF16 kernel only
     if (g.a_dt != kBF16 || g.b_dt != kBF16) throw std::invalid_argument("gemm: the k-pair layout takes bf16 A and B");
-#ifdef FASTLLM_HAVE_AVX512BF16
-    if (active_isa() == Isa::kAvx512 && avx512bf16_path_available()) return gemm_avx512bf16(g);
-#endif
-    throw std::invalid_argument("gemm: B is packed for the AVX512-BF16 kernel, which this CPU or ISA setting lacks");
+    if constexpr (kBuiltAvx512Bf16)
+      if (isa >= Isa::kAvx512Dot && avx512bf16_path_available()) return gemm_avx512bf16(g);
+    throw std::invalid_argument("gemm: B is packed for the AVX512-BF16 kernel, which this CPU or ISA level lacks");
   }
   if (g.b_layout != kLayoutRows && !(w8a16 && g.b_layout == kLayoutI8Rows))
     throw std::invalid_argument("gemm: bad B layout");
-#ifdef FASTLLM_HAVE_AVX512
-  if (active_isa() == Isa::kAvx512) return gemm_avx512(g);
-#endif
-#ifdef FASTLLM_HAVE_AVX2
-  if (active_isa() >= Isa::kAvx2) return gemm_avx2(g);
-#endif
+  if constexpr (kBuiltAvx512)
+    if (isa >= Isa::kAvx512) return gemm_avx512(g);
+  if constexpr (kBuiltAvx2)
+    if (isa >= Isa::kAvx2) return gemm_avx2(g);
   gemm_impl<ScalarOps>(g);
 }
 

@@ -39,6 +39,7 @@
 
 namespace fastllm {
 
+// The enums Python passes codes of: exported by name as _C.ACTIVATIONS / EPILOGUES / LAYOUTS (bindings.cpp).
 enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3, kActRelu = 4, kActSilu = 5 };
 enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3, kEpiInt8 = 4, kEpiScale = 5 };
 
@@ -237,9 +238,10 @@ static inline int64_t panel_out_cols(const Gemm& g, int64_t p) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The blocked driver, shared by the portable and the AVX2 paths. Ops provides:
+// The blocked driver, shared by every ISA path. Ops provides:
 //   kMR, kMC, kKC: rows of a micro-tile, cache blocking; kPanels: B panels per micro-kernel call (1 or 2)
-//   ukr(R, np, kc, a_panel, b_panel, b_pstride, b_dt, c, ldc, load_c): c (R x 16 np fp32) (+)= A_panel times
+//   pack_a(g, m0, mr, k0, kc, dst), a_words(kc): A's block in the micro-kernel's layout (OpsShape below)
+//   ukr(R, np, kc, a_panel, b_panel, b_pstride, b_dt, c, ldc, load): c (R x 16 np fp32) (+)= A_panel times
 //       np panels (the second at b_panel + b_pstride bytes) over kc steps
 //   epilogue(g, tile, ldt, m, rows, p): the epilogue of rows [m, m + rows) of panel p from the fp32 tile
 
@@ -269,106 +271,116 @@ static void pack_a_block(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int6
   }
 }
 
-// A as bf16 k-pairs for the AVX512-BF16 kernel: [kc/2][MR] 32-bit words (a[r][k], a[r][k+1]), zero padded.
-template <int64_t MR>
-static void pack_a_pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
-  const auto* a = static_cast<const uint16_t*>(g.a);
-  uint16_t* dst = reinterpret_cast<uint16_t*>(dst_f);
-  const int64_t kc2 = (kc + 1) / 2;
+// A in k-groups for the integer and dot-product kernels: [ceil(kc/G)][MR] 32-bit words per micro-panel, word
+// (j, r) = elements k = G j .. G j + G - 1 of row r, each mapped by P::cvt; rows past M and k past kc hold
+// cvt(0). P: kG, E (A's element type), D (the packed element type), cvt, and row(d32, src, kc, MR): the
+// words of one contiguous row (d32 steps by MR), the fast path.
+template <class P, int64_t MR>
+static void pack_a_groups(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
+  using E = typename P::E;
+  constexpr int64_t G = P::kG;
+  const auto* a = static_cast<const E*>(g.a);
+  auto* dst = reinterpret_cast<typename P::D*>(dst_f);
+  const int64_t kcg = (kc + G - 1) / G;
+  auto at = [](int64_t k, int64_t r) { return (k / G) * MR * G + r * G + (k % G); };  // (k, r) in a micro-panel
   for (int64_t r0 = 0; r0 < mr; r0 += MR) {
-    uint16_t* d = dst + r0 * kc2 * 2;
+    auto* d = dst + r0 * kcg * G;
     const int64_t rows = imin(MR, mr - r0);
     if (g.a_cs != 1 && g.a_rs == 1) {  // a transposed view: the rows of step k adjacent
-      const uint16_t* src = a + (m0 + r0) + k0 * g.a_cs;
-      for (int64_t k = 0; k < 2 * kc2; ++k)
-        for (int64_t r = 0; r < MR; ++r) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = r < rows && k < kc ? src[k * g.a_cs + r] : 0;
+      const E* src = a + (m0 + r0) + k0 * g.a_cs;
+      for (int64_t k = 0; k < G * kcg; ++k)
+        for (int64_t r = 0; r < MR; ++r) d[at(k, r)] = P::cvt(r < rows && k < kc ? src[k * g.a_cs + r] : E(0));
       continue;
     }
     for (int64_t r = 0; r < MR; ++r) {
-      const uint16_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
-      if (src != nullptr && g.a_cs == 1) {  // a row: whole k-pairs are 32-bit words
-        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
-        const int64_t full = kc / 2;
-        for (int64_t j = 0; j < full; ++j) {
-          uint32_t v;
-          std::memcpy(&v, src + 2 * j, 4);
-          d32[j * MR] = v;
-        }
-        if (kc & 1) d32[full * MR] = src[kc - 1];  // the odd last k pairs with a zero
+      const E* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
+      if (src != nullptr && g.a_cs == 1) {
+        P::row(reinterpret_cast<uint32_t*>(d) + r, src, kc, MR);
         continue;
       }
-      for (int64_t k = 0; k < 2 * kc2; ++k) d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? src[k * g.a_cs] : 0;
+      for (int64_t k = 0; k < G * kcg; ++k) d[at(k, r)] = P::cvt(src && k < kc ? src[k * g.a_cs] : E(0));
     }
   }
 }
 
-template <int64_t MR>
-static void pack_a_float(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst) {
-  switch (g.a_dt) {
-    case kBF16: return pack_a_block<BF16s, MR>(g, m0, mr, k0, kc, dst);
-    case kF16: return pack_a_block<F16s, MR>(g, m0, mr, k0, kc, dst);
-    default: return pack_a_block<F32s, MR>(g, m0, mr, k0, kc, dst);
+namespace {  // internal linkage: the portable and the ISA TUs each instantiate their own copies (common.h)
+
+// The words of a contiguous row whose k-groups are whole bytes: word j = the bytes of elements G j .. G j + G - 1
+// XOR Flip (d32 steps by MR); the last, partial group padded with zero bytes (then flipped).
+template <int64_t G, uint32_t Flip, class E>
+static inline void copy_groups(uint32_t* d32, const E* src, int64_t kc, int64_t MR) {
+  const int64_t full = kc / G;
+  for (int64_t j = 0; j < full; ++j) {
+    uint32_t v;
+    std::memcpy(&v, src + G * j, 4);
+    d32[j * MR] = v ^ Flip;
+  }
+  if (kc % G) {
+    uint32_t v = 0;
+    std::memcpy(&v, src + G * full, static_cast<size_t>(kc % G) * sizeof(E));
+    d32[full * MR] = v ^ Flip;
   }
 }
 
-// int8 A as int16 k-pairs [kc/2][MR] (32-bit words of two sign-extended values), zero padded.
-template <int64_t MR>
-static void pack_a_i16pairs(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
-  const auto* a = static_cast<const int8_t*>(g.a);
-  int16_t* dst = reinterpret_cast<int16_t*>(dst_f);
-  const int64_t kc2 = (kc + 1) / 2;
-  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
-    int16_t* d = dst + r0 * kc2 * 2;
-    const int64_t rows = imin(MR, mr - r0);
-    for (int64_t r = 0; r < MR; ++r) {
-      const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
-      if (src != nullptr && g.a_cs == 1) {  // a row: one 32-bit word of two sign-extended values per pair
-        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
-        for (int64_t j = 0; j < kc2; ++j) {
-          const int16_t lo = src[2 * j], hi = 2 * j + 1 < kc ? src[2 * j + 1] : 0;
-          d32[j * MR] = static_cast<uint16_t>(lo) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
-        }
-        continue;
-      }
-      for (int64_t k = 0; k < 2 * kc2; ++k)
-        d[(k / 2) * MR * 2 + r * 2 + (k & 1)] = src && k < kc ? static_cast<int16_t>(src[k * g.a_cs]) : 0;
-    }
-  }
-}
+// bf16 k-pairs (the AVX512-BF16 kernel): a row's pairs are its 32-bit words as they are.
+struct APairsBf16 {
+  static constexpr int64_t kG = 2;
+  using E = uint16_t;
+  using D = uint16_t;
+  static uint16_t cvt(uint16_t v) { return v; }
+  static void row(uint32_t* d32, const uint16_t* src, int64_t kc, int64_t MR) { copy_groups<2, 0>(d32, src, kc, MR); }
+};
 
-// int8 A as u8 k-quads [kc/4][MR] (a + 128 in each byte, the VNNI kernel's unsigned operand); padding k are
-// 128 (times B's zero padding: nothing).
-template <int64_t MR>
-static void pack_a_u8quads(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* dst_f) {
-  const auto* a = static_cast<const int8_t*>(g.a);
-  uint8_t* dst = reinterpret_cast<uint8_t*>(dst_f);
-  const int64_t kc4 = (kc + 3) / 4;
-  for (int64_t r0 = 0; r0 < mr; r0 += MR) {
-    uint8_t* d = dst + r0 * kc4 * 4;
-    const int64_t rows = imin(MR, mr - r0);
-    for (int64_t r = 0; r < MR; ++r) {
-      const int8_t* src = r < rows ? a + (m0 + r0 + r) * g.a_rs + k0 * g.a_cs : nullptr;
-      if (src != nullptr && g.a_cs == 1) {  // a row: a quad is a 32-bit word; a + 128 (mod 256) = a ^ 0x80
-        uint32_t* d32 = reinterpret_cast<uint32_t*>(d) + r;
-        const int64_t full = kc / 4;
-        for (int64_t j = 0; j < full; ++j) {
-          uint32_t v;
-          std::memcpy(&v, src + 4 * j, 4);
-          d32[j * MR] = v ^ 0x80808080u;
-        }
-        if (kc & 3) {
-          uint32_t v = 0;
-          std::memcpy(&v, src + 4 * full, static_cast<size_t>(kc & 3));
-          d32[full * MR] = v ^ 0x80808080u;
-        }
-        continue;
-      }
-      for (int64_t k = 0; k < 4 * kc4; ++k)
-        d[(k / 4) * MR * 4 + r * 4 + (k & 3)] =
-            static_cast<uint8_t>((src && k < kc ? static_cast<int>(src[k * g.a_cs]) : 0) + 128);
+// int8 as sign-extended int16 k-pairs (the AVX2 and portable W8A8 kernels, vpmaddwd).
+struct APairsI16 {
+  static constexpr int64_t kG = 2;
+  using E = int8_t;
+  using D = int16_t;
+  static int16_t cvt(int8_t v) { return v; }
+  static void row(uint32_t* d32, const int8_t* src, int64_t kc, int64_t MR) {
+    for (int64_t j = 0; j < (kc + 1) / 2; ++j) {
+      const int16_t lo = src[2 * j], hi = 2 * j + 1 < kc ? src[2 * j + 1] : 0;
+      d32[j * MR] = static_cast<uint16_t>(lo) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
     }
   }
-}
+};
+
+// int8 as u8 k-quads, a + 128 in each byte (the VNNI kernel's unsigned operand; a + 128 (mod 256) = a ^ 0x80);
+// padding k are 128 (times B's zero padding: nothing).
+struct AQuadsU8 {
+  static constexpr int64_t kG = 4;
+  using E = int8_t;
+  using D = uint8_t;
+  static uint8_t cvt(int8_t v) { return static_cast<uint8_t>(static_cast<int>(v) + 128); }
+  static void row(uint32_t* d32, const int8_t* src, int64_t kc, int64_t MR) {
+    copy_groups<4, 0x80808080u>(d32, src, kc, MR);
+  }
+};
+
+// How an Ops packs A: fp32 rows, or one of the k-group layouts above.
+enum APack : int { kAPackF32, kAPackBf16Pairs, kAPackI16Pairs, kAPackU8Quads };
+
+// The shape part of an Ops: tile rows, cache blocking, panels per call, A packing (derive and add ukr and
+// epilogue).
+template <int64_t MR, int64_t MC, int64_t KC, int64_t NP, APack P>
+struct OpsShape {
+  static constexpr int64_t kMR = MR, kMC = MC, kKC = KC, kPanels = NP;
+  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
+    if constexpr (P == kAPackBf16Pairs) return pack_a_groups<APairsBf16, MR>(g, m0, mr, k0, kc, d);
+    if constexpr (P == kAPackI16Pairs) return pack_a_groups<APairsI16, MR>(g, m0, mr, k0, kc, d);
+    if constexpr (P == kAPackU8Quads) return pack_a_groups<AQuadsU8, MR>(g, m0, mr, k0, kc, d);
+    if constexpr (P == kAPackF32) {
+      with_float_dtype(g.a_dt, [&](auto s) { pack_a_block<decltype(s), MR>(g, m0, mr, k0, kc, d); });
+    }
+  }
+  // 32-bit words per packed row of A: kc fp32, or the k-groups of 2 (pairs) or 4 (quads)
+  static int64_t a_words(int64_t kc) {
+    constexpr int64_t G = P == kAPackF32 ? 1 : (P == kAPackU8Quads ? 4 : 2);
+    return (kc + G - 1) / G;
+  }
+};
+
+}  // namespace
 
 template <class Ops>
 void gemm_impl(const Gemm& g) {

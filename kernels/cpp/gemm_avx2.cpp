@@ -55,27 +55,11 @@ inline void ukr_t(int64_t kc, const float* a, const void* bv, float* c, int64_t 
     }
 #undef FASTLLM_STEP
     const bool add = load || k0 > 0;
-#define FASTLLM_STORE(r, c0, c1)                       \
-  if constexpr (R > r) {                               \
-    float* cr = c + r * ldc;                           \
-    if (add) {                                         \
-      c0 = _mm256_add_ps(c0, _mm256_loadu_ps(cr));     \
-      c1 = _mm256_add_ps(c1, _mm256_loadu_ps(cr + 8)); \
-    }                                                  \
-    _mm256_storeu_ps(cr, c0);                          \
-    _mm256_storeu_ps(cr + 8, c1);                      \
-  }
-    FASTLLM_EACH_ROW6(FASTLLM_STORE)
-#undef FASTLLM_STORE
+    FASTLLM_EACH_ROW6(FASTLLM_STORE_ROW6)
   }
 }
 
-struct Avx2Ops {
-  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = fastllm::kKC, kPanels = 1;
-  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
-    pack_a_float<kMR>(g, m0, mr, k0, kc, d);
-  }
-  static int64_t a_words(int64_t kc) { return kc; }
+struct Avx2Ops : OpsShape<kMR, kMC, kKC, 1, kAPackF32>, VecEpilogue {
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int b_dt, float* c, int64_t ldc,
                   bool load) {
     with_rows<6>(rows, [&](auto r) {
@@ -84,9 +68,6 @@ struct Avx2Ops {
       if (b_dt == kI8) return ukr_t<R, 2>(kc, a, b, c, ldc, load);
       ukr_t<R, 0>(kc, a, b, c, ldc, load);
     });
-  }
-  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-    epilogue_any(g, tile, ldt, m, rows, p);
   }
 };
 
@@ -114,33 +95,15 @@ inline void ukr_i16(int64_t kc, const float* af, const void* bv, int32_t* c, int
     a += 6;
   }
 #undef FASTLLM_STEP
-#define FASTLLM_STORE(r, c0, c1)                                  \
-  if constexpr (R > r) {                                          \
-    __m256i* p = reinterpret_cast<__m256i*>(c + r * ldc);         \
-    if (load) {                                                   \
-      c0 = _mm256_add_epi32(c0, _mm256_loadu_si256(p));           \
-      c1 = _mm256_add_epi32(c1, _mm256_loadu_si256(p + 1));       \
-    }                                                             \
-    _mm256_storeu_si256(p, c0);                                   \
-    _mm256_storeu_si256(p + 1, c1);                               \
-  }
-  FASTLLM_EACH_ROW6(FASTLLM_STORE)
-#undef FASTLLM_STORE
+  const bool add = load;
+  FASTLLM_EACH_ROW6(FASTLLM_STORE_ROW6)
 }
 
-struct Avx2I8Ops {
-  static constexpr int64_t kMR = 6, kMC = fastllm::kMC, kKC = 512, kPanels = 1;
-  static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
-    pack_a_i16pairs<kMR>(g, m0, mr, k0, kc, d);
-  }
-  static int64_t a_words(int64_t kc) { return (kc + 1) / 2; }
+struct Avx2I8Ops : OpsShape<kMR, kMC, 512, 1, kAPackI16Pairs>, VecEpilogue {
   static void ukr(int rows, int, int64_t kc, const float* a, const void* b, int64_t, int, float* cf, int64_t ldc,
                   bool load) {
     int32_t* c = reinterpret_cast<int32_t*>(cf);
     with_rows<6>(rows, [&](auto r) { ukr_i16<decltype(r)::value>(kc, a, b, c, ldc, load); });
-  }
-  static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
-    epilogue_any(g, tile, ldt, m, rows, p);
   }
 };
 
@@ -148,6 +111,5 @@ struct Avx2I8Ops {
 
 void gemm_avx2(const Gemm& g) { gemm_impl<Avx2Ops>(g); }
 void gemm_avx2_i8(const Gemm& g) { gemm_impl<Avx2I8Ops>(g); }
-
 
 }  // namespace fastllm

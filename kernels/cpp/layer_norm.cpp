@@ -89,16 +89,10 @@ struct ScalarRows {
     }
   }
 
-  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each
+  // scratch: bwd_parts (layer_norm.h)
   static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N);
-    float* row = scratch;
-    float* gb = scratch + Np;
-    float* wf = scratch + 2 * Np;
-    float* dwp = scratch + 3 * Np;
-    float* dbp = scratch + 4 * Np;
-    float* dwo = scratch + 5 * Np;
-    float* dbo = scratch + 6 * Np;
+    const auto [row, gb, wf, dwp, dbp, dwo, dbo] = bwd_parts(scratch, Np);
     const T* w = static_cast<const T*>(a.w);
     for (int64_t j = 0; j < N; ++j) wf[j] = w ? S::load(w + j) : 1.f;
     const float inv_n = 1.f / static_cast<float>(N);
@@ -161,19 +155,11 @@ void check_common(int64_t M, int64_t N, int nthreads, int dtype) {
 }  // namespace
 
 void norm_fwd_scalar(const NormFwd& a) {
-  switch (a.dtype) {
-    case kF32: return run_norm_fwd<ScalarRows<F32s>>(a);
-    case kBF16: return run_norm_fwd<ScalarRows<BF16s>>(a);
-    default: return run_norm_fwd<ScalarRows<F16s>>(a);
-  }
+  with_float_dtype(a.dtype, [&](auto s) { run_norm_fwd<ScalarRows<decltype(s)>>(a); });
 }
 
 void norm_bwd_scalar(const NormBwd& a) {
-  switch (a.dtype) {
-    case kF32: return run_norm_bwd<ScalarRows<F32s>, F32s>(a);
-    case kBF16: return run_norm_bwd<ScalarRows<BF16s>, BF16s>(a);
-    default: return run_norm_bwd<ScalarRows<F16s>, F16s>(a);
-  }
+  with_float_dtype(a.dtype, [&](auto s) { run_norm_bwd<ScalarRows<decltype(s)>, decltype(s)>(a); });
 }
 
 // Entry points used by the bindings: validate what Python cannot get wrong by accident, pick the ISA.
@@ -184,9 +170,8 @@ void norm_fwd(const NormFwd& a) {
   const int64_t bytes = a.M * a.N * (a.dtype == kF32 ? 4 : 2);
   advise_huge_pages(a.out, bytes);
   advise_huge_pages(a.h, bytes);
-#if defined(FASTLLM_HAVE_AVX2)
-  if (active_isa() >= Isa::kAvx2) return norm_fwd_avx2(a);
-#endif
+  if constexpr (kBuiltAvx2)
+    if (active_isa() >= Isa::kAvx2) return norm_fwd_avx2(a);
   norm_fwd_scalar(a);
 }
 
@@ -194,9 +179,8 @@ void norm_bwd(const NormBwd& a) {
   check_common(a.M, a.N, a.nthreads, a.dtype);
   if (a.dx == nullptr || a.dy == nullptr || a.h == nullptr) throw std::invalid_argument("norm_bwd: missing pointer");
   advise_huge_pages(a.dx, a.M * a.N * (a.dtype == kF32 ? 4 : 2));
-#if defined(FASTLLM_HAVE_AVX2)
-  if (active_isa() >= Isa::kAvx2) return norm_bwd_avx2(a);
-#endif
+  if constexpr (kBuiltAvx2)
+    if (active_isa() >= Isa::kAvx2) return norm_bwd_avx2(a);
   norm_bwd_scalar(a);
 }
 

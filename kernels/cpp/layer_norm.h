@@ -55,6 +55,15 @@ namespace {  // internal linkage: each TU instantiates its own copy (see common.
 // Per-thread scratch, in floats, padded to whole 8-lane vectors: the fp32 row, the fp32 weight and bias.
 inline int64_t fwd_scratch(int64_t N) { return 3 * round_up8(N); }
 
+// The backward's per-thread scratch, fp32 rows of Np = round_up8(N) floats, zeroed by run_norm_bwd: the row (h,
+// then xhat), g = dy * w, the weight, the dw and db partials of the current kRowBlock rows, and their running sums.
+struct BwdScratch {
+  float *row, *g, *w, *dw, *db, *dw_sum, *db_sum;
+};
+inline BwdScratch bwd_parts(float* s, int64_t Np) {
+  return {s, s + Np, s + 2 * Np, s + 3 * Np, s + 4 * Np, s + 5 * Np, s + 6 * Np};
+}
+
 // rstd = 1/sqrt(mean + eps) evaluated in double: correctly rounded, so the output carries one rounding
 // less than a float sqrt followed by a float division (once per row, so the cost is nil).
 inline float rstd_of(float sum, int64_t N, float eps) {
@@ -94,7 +103,7 @@ void run_norm_bwd(const NormBwd& a) {
   using T = typename S::T;
   const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
   const int64_t Np = round_up8(a.N);
-  const int64_t per = 7 * Np;  // row, g, weight, dw/db partials (inner), dw/db partials (outer)
+  const int64_t per = 7 * Np;  // bwd_parts
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   std::memset(scratch, 0, sizeof(float) * static_cast<size_t>(nt) * per);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -109,8 +118,9 @@ void run_norm_bwd(const NormBwd& a) {
     for (int64_t j = 0; j < a.N; ++j) {
       float sw = 0.f, sb = 0.f;
       for (int t = 0; t < nt; ++t) {
-        sw += scratch[t * per + 5 * Np + j];
-        sb += scratch[t * per + 6 * Np + j];
+        const BwdScratch part = bwd_parts(scratch + t * per, Np);
+        sw += part.dw_sum[j];
+        sb += part.db_sum[j];
       }
       if (dw != nullptr) dw[j] = S::from(sw);
       if (db != nullptr) db[j] = S::from(sb);

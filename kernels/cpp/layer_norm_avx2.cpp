@@ -166,18 +166,10 @@ template <class S>
 struct Avx2Rows {
   using T = typename S::T;
 
-  static void fwd(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
-    if (a.rms)
-      a.res ? fwd_rows<true, true>(a, r0, r1, scratch) : fwd_rows<true, false>(a, r0, r1, scratch);
-    else
-      a.res ? fwd_rows<false, true>(a, r0, r1, scratch) : fwd_rows<false, false>(a, r0, r1, scratch);
-  }
-
   // The flags are template parameters and the struct fields are copied to locals: stores through T*
   // may alias `a` as far as the compiler knows, which otherwise reloads and re-tests them per vector.
   // scratch: row (Np) | weight (Np) | bias (Np), all fp32, 32-byte aligned, zero padded
-  template <bool RMS, bool RES>
-  static void fwd_rows(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
+  template <bool RMS, bool RES> static void fwd_rows(const NormFwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
     const bool stream = a.stream;
     const float eps = a.eps;
@@ -247,27 +239,13 @@ struct Avx2Rows {
     if (stream) _mm_sfence();  // order the non-temporal stores before the caller reads the outputs
   }
 
-  static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
-    if (a.rms)
-      a.dh ? bwd_rows<true, true>(a, r0, r1, scratch) : bwd_rows<true, false>(a, r0, r1, scratch);
-    else
-      a.dh ? bwd_rows<false, true>(a, r0, r1, scratch) : bwd_rows<false, false>(a, r0, r1, scratch);
-  }
-
-  // scratch: row | g | weight | dw, db partials (inner) | dw, db partials (outer), Np floats each, zeroed
-  template <bool RMS, bool DH>
-  static void bwd_rows(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
+  // scratch: bwd_parts (layer_norm.h)
+  template <bool RMS, bool DH> static void bwd_rows(const NormBwd& a, int64_t r0, int64_t r1, float* scratch) {
     const int64_t N = a.N, Np = round_up8(N), nv = N / 8 * 8, rem = N - nv;
     const bool stream = a.stream;
     const float eps = a.eps;
     const int64_t h_stride = a.h_stride, dy_stride = a.dy_stride, dh_stride = a.dh_stride;
-    float* row = scratch;
-    float* gb = scratch + Np;
-    float* wf = scratch + 2 * Np;
-    float* dwp = scratch + 3 * Np;
-    float* dbp = scratch + 4 * Np;
-    float* dwo = scratch + 5 * Np;
-    float* dbo = scratch + 6 * Np;
+    const auto [row, gb, wf, dwp, dbp, dwo, dbo] = bwd_parts(scratch, Np);
     widen<S>(wf, static_cast<const T*>(a.w), N, 1.f);
     const __m256 mask = tail_mask(rem);
     const float inv_n = 1.f / static_cast<float>(N);
@@ -346,24 +324,29 @@ struct Avx2Rows {
     }
     if (stream) _mm_sfence();
   }
+
+  // The Rows interface (layer_norm.h): the flags as template arguments.
+  static void fwd(const NormFwd& a, int64_t r0, int64_t r1, float* s) {
+    with_flags(a.rms, a.res != nullptr, [&](auto rms, auto res) { fwd_rows<rms, res>(a, r0, r1, s); });
+  }
+
+  static void bwd(const NormBwd& a, int64_t r0, int64_t r1, float* s) {
+    with_flags(a.rms, a.dh != nullptr, [&](auto rms, auto dh) { bwd_rows<rms, dh>(a, r0, r1, s); });
+  }
 };
+
+// The vector storage policy of a scalar one.
+template <class S>
+using VecOf = std::conditional_t<S::kCode == kF32, F32v, std::conditional_t<S::kCode == kBF16, BF16v, F16v>>;
 
 }  // namespace
 
 void norm_fwd_avx2(const NormFwd& a) {
-  switch (a.dtype) {
-    case kF32: return run_norm_fwd<Avx2Rows<F32v>>(a);
-    case kBF16: return run_norm_fwd<Avx2Rows<BF16v>>(a);
-    default: return run_norm_fwd<Avx2Rows<F16v>>(a);
-  }
+  with_float_dtype(a.dtype, [&](auto s) { run_norm_fwd<Avx2Rows<VecOf<decltype(s)>>>(a); });
 }
 
 void norm_bwd_avx2(const NormBwd& a) {
-  switch (a.dtype) {
-    case kF32: return run_norm_bwd<Avx2Rows<F32v>, F32s>(a);
-    case kBF16: return run_norm_bwd<Avx2Rows<BF16v>, BF16s>(a);
-    default: return run_norm_bwd<Avx2Rows<F16v>, F16s>(a);
-  }
+  with_float_dtype(a.dtype, [&](auto s) { run_norm_bwd<Avx2Rows<VecOf<decltype(s)>>, decltype(s)>(a); });
 }
 
 }  // namespace fastllm

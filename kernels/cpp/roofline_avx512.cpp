@@ -2,20 +2,12 @@
 // 512-bit pipes), the compute ceiling of the AVX-512 GEMM.
 #include <immintrin.h>
 
-#include "common.h"
+#include "roofline.h"
 
 namespace fastllm {
 
 float fma_loop_avx512(int64_t iters) {
-  __m512 a[12];
-  for (int k = 0; k < 12; ++k) a[k] = _mm512_set1_ps(1.f + 0.1f * static_cast<float>(k));
-  const __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
-  for (int64_t i = 0; i < iters; ++i) {
-    for (int k = 0; k < 12; ++k) a[k] = _mm512_fmadd_ps(a[k], m, c);
-  }
-  __m512 s = a[0];
-  for (int k = 1; k < 12; ++k) s = _mm512_add_ps(s, a[k]);
-  return _mm512_reduce_add_ps(s);
+  return fma_chains<12, __m512>(iters, [](__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); });
 }
 
 }  // namespace fastllm
