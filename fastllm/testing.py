@@ -13,7 +13,8 @@ norm-wise
 
 so that a 16-bit path cannot hide a systematic error under one large element of eager's (one rounding per
 element gives a norm-wise error of about eps / 3.5; the eps / 8 floor lets a few isolated ulps through where
-eager happens to be exact, not a bias on every element).
+eager happens to be exact, not a bias on every element). Where that has no meaning (the reference is all zero,
+as a gradient can be, or eager's own norm-wise error is >= 1) only the element-wise bound applies.
 
 Non-finite values: NaN must sit exactly where the reference has NaN and +-Inf exactly where it has the same
 infinity. If eager itself is NaN or Inf where the reference is finite, the criterion has no finite bar to
@@ -76,8 +77,10 @@ def floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
 
 
 def _rel_err(o: torch.Tensor, r: torch.Tensor, finite: torch.Tensor) -> float:
+    """||o - r|| / ||r|| over the finite entries of r (inf when r is all zero there)."""
     ref_norm = torch.where(finite, r, 0.0).norm().item()
-    return torch.where(finite, o - r, 0.0).norm().item() / max(ref_norm, 1e-300)
+    err_norm = torch.where(finite, o - r, 0.0).norm().item()
+    return err_norm / ref_norm if ref_norm > 0 else (0.0 if err_norm == 0 else math.inf)
 
 
 def _first(mask: torch.Tensor) -> tuple:
@@ -127,6 +130,8 @@ def judge(out: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, name: str =
                               f"got {o[idx].item():.6g}, reference {r[idx].item():.6g}")  # fmt: skip
     if out.dtype in SIXTEEN_BIT and finite.any():
         rel, eager_rel = _rel_err(o, r, finite), _rel_err(e, r, finite)
+        if not eager_rel < 1:  # a zero reference, or eager no closer than zeros: no relative scale to judge by
+            return verdict(True)
         rel_tol = 2 * eager_rel + torch.finfo(out.dtype).eps / 8
         if not rel <= rel_tol:
             return verdict(False, f"norm-wise relative error {rel:.3e} > 2 * eager's {eager_rel:.3e} + eps/8 "

@@ -1,5 +1,6 @@
-"""The Triton attention kernels (kernels/triton/flash_attention.py): forward, split-K decode and backward against the
-float64 reference, called directly and through the public API on the triton backend (the interpreter on CPU).
+"""The Triton attention kernels (launchers in kernels/triton/attention.py, kernels in attention_fwd.py and
+attention_bwd.py): forward, split-K decode and backward against the float64 reference, called directly and
+through the public API on the triton backend (the interpreter on CPU).
 
 Criterion (fastllm.testing.assert_equivalent): err(ours) <= 2 * err(eager) + floor, errors against attention_ref
 in float64 (gradients: torch autograd through it). "Eager" is what a PyTorch user runs in the input dtype:
@@ -26,7 +27,7 @@ from fastllm.ops.attention import attention_ref
 from fastllm.testing import assert_equivalent
 
 pytest.importorskip("triton")
-from fastllm.kernels.triton import flash_attention as tri
+from fastllm.kernels.triton import attention as tri
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -435,7 +436,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastllm.kernels.triton import flash_attention as fa
+from fastllm.kernels.triton import attention as fa
 
 def build(name, dt, d, bm, bn, arch, **flags):
     fn = getattr(fa, name)

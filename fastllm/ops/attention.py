@@ -5,8 +5,9 @@
                                  is_causal=False, scale=None, enable_gqa=False)  -> out
     decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None)         -> out
 
-Layout (B, H, S, D) as torch SDPA: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0 (GQA/MQA: query
-head h reads kv head h // (Hq // Hkv), nothing is expanded in memory).
+Layout (B, H, S, D) as torch SDPA: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), out (B, Hq, Sq, Dv),
+Hq % Hkv == 0 (GQA/MQA: query head h reads kv head h // (Hq // Hkv), nothing is expanded in memory). The kernels
+take Dv == D; a value head dim of its own (as torch's SDPA allows) runs the reference.
 
 All three are one torch op underneath, fastllm::attention_fwd, which returns (out, stats):
 
@@ -17,6 +18,10 @@ All three are one torch op underneath, fastllm::attention_fwd, which returns (ou
     stats (B, Hq, Sq, 2) fp32 = (m, l) per row: the softmax in base 2 is exp2(s log2(e) - m) / l, i.e.
     lse = (m + log2 l) ln 2. The kernels store m = the row max of s log2(e) and l = the sum of exp2(s log2(e)
     - m) (any m works if l matches). A row with no visible key returns out = 0, stats = (+inf, 1).
+    NaN / Inf propagate as in torch's eager softmax: a NaN or +inf among a row's visible scores (from q, k or an
+    additive mask) makes the row NaN (stats l = NaN, which makes the backward's P, and so its gradients, NaN);
+    Inf in v gives +-Inf outputs. A key a row cannot see does not reach it through its score (replaced by -inf,
+    where torch's NaN + (-inf) stays NaN); keys past kv_len are never read (a KV cache may hold NaN there).
 
 Why (m, l) and not one fp32 lse as FlashAttention saves: the backward recomputes P = exp2(s log2 e - m) / l.
 With the exact row max m, s log2 e - m is small for every probability that matters and P is as accurate as
@@ -95,10 +100,10 @@ def _chunks(q, Sk):
 def attention_ref(q, k, v, mask, kv_len, causal: bool, bottom_right: bool, scale: float):
     """(out, stats) of fastllm::attention_fwd in plain PyTorch (scores computed in query chunks)."""
     ct = _compute_dtype(q)
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     g = Hq // Hkv
-    out = torch.zeros(B, Hq, Sq, D, dtype=ct, device=q.device)
+    out = torch.zeros(B, Hq, Sq, Dv, dtype=ct, device=q.device)
     stats = torch.empty(B, Hq, Sq, 2, dtype=_stats_dtype(q), device=q.device)
     stats[..., 0], stats[..., 1] = float("inf"), 1.0
     if Sq == 0 or Sk == 0:
@@ -115,7 +120,7 @@ def attention_ref(q, k, v, mask, kv_len, causal: bool, bottom_right: bool, scale
         e = torch.exp(s - torch.where(empty, 0.0, mx))  # exact 0 where s = -inf
         denom = e.sum(-1, keepdim=True)
         p = e / torch.where(empty, 1.0, denom)
-        o = torch.matmul(p.view(B, Hkv, g, sq1 - sq0, Sk), vf).view(B, Hq, sq1 - sq0, D)
+        o = torch.matmul(p.view(B, Hkv, g, sq1 - sq0, Sk), vf).view(B, Hq, sq1 - sq0, Dv)
         out[:, :, sq0:sq1] = o
         stats[:, :, sq0:sq1, 0] = torch.where(empty, float("inf"), mx * math.log2(math.e)).squeeze(-1)
         stats[:, :, sq0:sq1, 1] = torch.where(empty, 1.0, denom).squeeze(-1)
@@ -129,11 +134,11 @@ def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_righ
     `out` and `stats` are not needed here."""
     ct = _compute_dtype(q)
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     g = Hq // Hkv
     dq = torch.zeros(B, Hq, Sq, D, dtype=ct, device=q.device)
     dk = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
-    dv = torch.zeros(B, Hkv, Sk, D, dtype=ct, device=q.device)
+    dv = torch.zeros(B, Hkv, Sk, Dv, dtype=ct, device=q.device)
     if Sq > 0 and Sk > 0:
         kf, vf = k.to(ct).unsqueeze(2), v.to(ct).unsqueeze(2)
         for sq0, sq1 in _chunks(q, Sk):
@@ -144,7 +149,7 @@ def attention_bwd_ref(dout, q, k, v, out, stats, mask, causal: bool, bottom_righ
             e = torch.exp(s - mx)
             denom = e.sum(-1, keepdim=True)
             p = (e / torch.where(denom == 0, 1.0, denom)).view(B, Hkv, g, n, Sk)
-            do = dout[:, :, sq0:sq1].to(ct).view(B, Hkv, g, n, D)
+            do = dout[:, :, sq0:sq1].to(ct).view(B, Hkv, g, n, Dv)
             dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
             dp = torch.matmul(do, vf.transpose(-1, -2))
             delta = (p * dp).sum(-1, keepdim=True)  # = rowsum(dO * O), as eager's softmax backward forms it
@@ -173,14 +178,16 @@ def _check_qkv(op: str, q, k, v, names=("q", "k", "v")) -> None:
         if t.dim() != 4:
             raise ValueError(f"{op}: {arg} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     B, Hq, _, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: {nk} and {nv} must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:  # v's head dim may differ (torch's SDPA: value (..., S, Ev))
+        raise ValueError(
+            f"{op}: {nk} and {nv} must agree in (batch, heads, seq), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != B:
         raise ValueError(f"{op}: batch of {nk}/{nv} ({k.shape[0]}) differs from {nq}'s ({B})")
     if k.shape[3] != D:
-        raise ValueError(f"{op}: head_dim of {nk}/{nv} ({k.shape[3]}) differs from {nq}'s ({D})")
-    if D == 0:
-        raise ValueError(f"{op}: head_dim must be >= 1, got 0")
+        raise ValueError(f"{op}: head_dim of {nk} ({k.shape[3]}) differs from {nq}'s ({D})")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError(f"{op}: head_dim must be >= 1, got {nq}/{nk} {D} and {nv} {v.shape[3]}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
@@ -231,8 +238,8 @@ def _fwd_check(q, k, v, mask, kv_len, causal, bottom_right, scale):
 
 
 def _fwd_fake(q, k, v, mask, kv_len, causal, bottom_right, scale):
-    B, Hq, Sq, D = q.shape
-    out = torch.empty(B, Hq, Sq, D, dtype=q.dtype, device=q.device)
+    B, Hq, Sq, _ = q.shape
+    out = torch.empty(B, Hq, Sq, v.shape[3], dtype=q.dtype, device=q.device)
     return out, torch.empty(B, Hq, Sq, 2, dtype=_stats_dtype(q), device=q.device)
 
 
@@ -245,6 +252,8 @@ def _unsupported(q, k, v, *rest) -> str | None:
         return f"no kernel for {q.dtype} (fast paths: float32, bfloat16, float16)"
     if q.shape[3] > MAX_KERNEL_HEAD_DIM:
         return f"head_dim {q.shape[3]} > {MAX_KERNEL_HEAD_DIM}"
+    if v.shape[3] != q.shape[3]:
+        return f"value head_dim {v.shape[3]} != query/key head_dim {q.shape[3]} (the kernels take one head dim)"
     if q.numel() == 0 or k.numel() == 0:
         return "empty input"
     return None
@@ -312,14 +321,14 @@ def _expand_mask(mask, q, Sk):
 
 
 def _fwd_triton(q, k, v, mask, kv_len, causal, bottom_right, scale):
-    from fastllm.kernels.triton import flash_attention as tri
+    from fastllm.kernels.triton import attention as tri
 
     q, k, v = _rows(q), _rows(k), _rows(v)
     return tri.attn_fwd(q, k, v, _expand_mask(mask, q, k.shape[2]), kv_len, causal, bottom_right, scale, stats=True)
 
 
 def _bwd_triton(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
-    from fastllm.kernels.triton import flash_attention as tri
+    from fastllm.kernels.triton import attention as tri
 
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     m = _expand_mask(mask, q, k.shape[2])
@@ -336,8 +345,9 @@ def _bwd_check(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
     _check_mask(op, mask, q, k.shape[2])
     check_like(op, "dout", dout, "q", q)
     check_like(op, "out", out, "q", q)
-    if dout.shape != q.shape or out.shape != q.shape or stats.shape != (*q.shape[:3], 2):
-        raise ValueError(f"{op}: dout/out must have q's shape {tuple(q.shape)} and stats {(*q.shape[:3], 2)}")
+    out_shape = (*q.shape[:3], v.shape[3])  # (B, Hq, Sq, Dv)
+    if dout.shape != out_shape or out.shape != out_shape or stats.shape != (*q.shape[:3], 2):
+        raise ValueError(f"{op}: dout/out must have shape {out_shape} (B, Hq, Sq, Dv) and stats {(*q.shape[:3], 2)}")
 
 
 def _bwd_fake(dout, q, k, v, out, stats, mask, causal, bottom_right, scale):
@@ -377,6 +387,7 @@ def _backward(ctx, dout, dstats):
     return dq, dk, dv, None, None, None, None, None
 
 
+# The declaration form of every op (define_op's keywords), hence its likeness to attention_bwd's above.
 attention_fwd = define_op(
     "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? kv_len, bool causal, bool bottom_right,"
     " float scale) -> (Tensor, Tensor)",
@@ -428,6 +439,7 @@ def flash_attention(q, k, v, *, causal: bool = False, attn_mask=None, scale=None
     FlashAttention >= 2.1: what a KV cache needs). `attn_mask`: bool (True = attend) or additive float
     of q's dtype, broadcastable to (B, Hq, Sq, Sk); combined with `causal` when both are given. A query
     row that sees no key returns zeros. `scale` defaults to D**-0.5. No gradient flows into attn_mask.
+    v may have a head dim Dv != D (out (B, Hq, Sq, Dv)); that runs the reference.
     """
     _tensors("flash_attention", q=q, k=k, v=v)
     if not isinstance(causal, bool):
@@ -447,7 +459,9 @@ def scaled_dot_product_attention(
     `is_causal` is top-left aligned as in torch; it cannot be combined with attn_mask (torch's rule).
     Inputs of shape (N, L, E) or (N, H, L, E); other ranks and `dropout_p > 0` go to torch's own SDPA
     (the fused kernels have no dropout yet). Key/value heads may differ from query heads only with
-    enable_gqa=True, as in torch. Rows with no visible key return zeros (as torch does).
+    enable_gqa=True, as in torch. value may have a head dim Ev of its own (out (..., L, Ev)), as in torch;
+    the kernels take Ev == E, so such a call runs the reference (fastllm.explain says so). Rows with no
+    visible key return zeros (as torch does).
     """
     op = "scaled_dot_product_attention"
     _tensors(op, query=query, key=key, value=value)

@@ -21,8 +21,9 @@
 // Forward (FlashAttention-2, Dao 2023; online softmax of Milakov & Gimelshein 2018), per row block:
 //   for each key block: St = K Qt; mask; mx = max over keys; m' = max(m, mx); alpha = exp2(m - m');
 //   P = exp2(St - m'); l = l alpha + sum(P); O = O alpha + P^T V.      out = O / l, stats = (m, l)
-// A row with no visible key keeps m = -inf, l = 0: out = 0, stats = (+inf, 1). Causal: key blocks past the last
-// visible key of a row block are skipped; blocks that straddle a row's limit are masked element-wise.
+// A row with no visible key keeps m = -inf, l = 0: out = 0, stats = (+inf, 1); a NaN or +inf among a row's
+// visible scores makes l NaN and the row NaN (see finish_row: no test in the key loop). Causal: key blocks past
+// the last visible key of a row block are skipped; blocks that straddle a row's limit are masked element-wise.
 // Decode shapes (few row blocks, long keys) split the keys into chunks computed in parallel whose
 // partial (O, m, l) are merged at the end (flash-decoding, Dao et al. 2023).
 //
@@ -228,21 +229,64 @@ void prefetch_rows(const void* base, const int64_t* st, int64_t b, int64_t hkv, 
     for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(p + o, 0, 2);  // into L2
 }
 
+// The scratch of one driver call: `per` floats and `bm` RowInfo per thread, and `shared` floats (the split
+// partials), freed on every way out. Allocations happen before any parallel region (std::bad_alloc -> MemoryError).
+struct Workspace {
+  float* floats = nullptr;
+  RowInfo* infos = nullptr;
+  float* shared = nullptr;
+  int64_t per, bm;
+
+  Workspace(int nt, int64_t per_thread, int64_t bm_rows, int64_t shared_floats) : per(per_thread), bm(bm_rows) {
+    try {
+      floats = alloc_floats(static_cast<size_t>(nt) * per);
+      infos = static_cast<RowInfo*>(std::malloc(sizeof(RowInfo) * static_cast<size_t>(nt * bm)));
+      if (infos == nullptr) throw std::bad_alloc();
+      if (shared_floats > 0) shared = alloc_floats(static_cast<size_t>(shared_floats));
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Workspace() { release(); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  void release() {
+    std::free(shared);
+    std::free(infos);
+    std::free(floats);
+  }
+  float* thread_floats(int t) const { return floats + t * per; }
+  RowInfo* thread_infos(int t) const { return infos + t * bm; }
+};
+
+// carve(p, a, na, b, nb, ...): a = p, b = p + na, ...: a thread's arrays, laid out one after another in its scratch.
+inline void carve(float*) {}
+template <class... Rest>
+inline void carve(float* p, float*& first, int64_t n, Rest&&... rest) {
+  first = p;
+  carve(p + n, static_cast<Rest&&>(rest)...);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
-// out = O / l (0 for a row without keys) rounded to T; stats = (m, l), or (+inf, 1) for a row without keys.
+// out = O / l rounded to T; stats = (m, l). l == 0 exactly means the row saw no key (its max element alone
+// adds exp2(0) = 1 otherwise): out = 0, stats = (+inf, 1). A NaN or +inf among the visible scores makes l NaN
+// (exp2(NaN), or exp2(inf - inf) at the max), and l stays NaN through every rescale: the division then gives a
+// NaN row, as torch's softmax does. So `l == 0`, never `!(l > 0)`, picks the empty rows (NaN > 0 is false).
 template <class Ops, class S>
 void finish_row(const AttnFwd& a, int64_t row, int64_t D, int64_t Dp, float* O, float m, float l) {
   using T = typename S::T;
-  if (l > 0.f) {
-    Ops::divide(O, Dp, l);
-  } else {
+  const bool empty = l == 0.f;
+  if (empty) {
     std::memset(O, 0, sizeof(float) * Dp);
+  } else {
+    Ops::divide(O, Dp, l);
   }
   Ops::template store_row<S>(static_cast<T*>(a.out) + row * D, O, D);
-  a.stats[2 * row] = l > 0.f ? m : kInf;
-  a.stats[2 * row + 1] = l > 0.f ? l : 1.f;
+  a.stats[2 * row] = empty ? kInf : m;
+  a.stats[2 * row + 1] = empty ? 1.f : l;
 }
 
 template <class Ops, class S>
@@ -267,32 +311,18 @@ void attn_fwd_impl(const AttnFwd& a) {
   // (Qr: q rows, for the dot-product scores of decode-shaped blocks, BM == 8)
   const bool small = BM == 8;
   const int64_t per = D * Mp + BN * Mp + 3 * Mp * Dp + 2 * BN * Dp + 5 * Mp;
-  float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
-  RowInfo* infos = static_cast<RowInfo*>(std::malloc(sizeof(RowInfo) * static_cast<size_t>(nt * BM)));
-  // split partials: O (Mp x Dp), m, l per task
-  float* part = nsplit > 1 ? alloc_floats(static_cast<size_t>(ntasks) * (Mp * Dp + 2 * Mp)) : nullptr;
-  if (infos == nullptr) {
-    std::free(scratch);
-    throw std::bad_alloc();
-  }
+  // split partials (shared): O (Mp x Dp), m, l per task
+  const Workspace ws(nt, per, BM, nsplit > 1 ? ntasks * (Mp * Dp + 2 * Mp) : 0);
+  float* part = ws.shared;
   const Scales sc = scales_of(s);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
-    float* Qt = scratch + t * per;
-    float* St = Qt + D * Mp;
-    float* O = St + BN * Mp;
-    float* Ob = O + Mp * Dp;
-    float* Qr = Ob + Mp * Dp;
-    float* Kc = Qr + Mp * Dp;
-    float* Vc = Kc + BN * Dp;
-    float* m = Vc + BN * Dp;
-    float* l = m + Mp;
-    float* mx = l + Mp;
-    float* mu = mx + Mp;
-    float* lsum = mu + Mp;
-    RowInfo* info = infos + t * BM;
+    float *Qt, *St, *O, *Ob, *Qr, *Kc, *Vc, *m, *l, *mx, *mu, *lsum;
+    carve(ws.thread_floats(t), Qt, D * Mp, St, BN * Mp, O, Mp * Dp, Ob, Mp * Dp, Qr, Mp * Dp, Kc, BN * Dp, Vc, BN * Dp,
+          m, Mp, l, Mp, mx, Mp, mu, Mp, lsum, Mp);
+    RowInfo* info = ws.thread_infos(t);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
@@ -393,14 +423,18 @@ void attn_fwd_impl(const AttnFwd& a) {
         int64_t kend, kmin;
         row_info(s, b, hkv, r0, M, s.Sk, info, &kend, &kmin);
         for (int64_t r = 0; r < M; ++r) {
+          // A split whose l is NaN met a NaN / +inf score (finish_row): the row is NaN whatever the other
+          // splits hold, and its m may be anything (-inf included), so l, not m, is what is checked.
           float mm = kNegInf;
+          bool nan = false;
           for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float ms = part[(grp * nsplit + sp) * (Mp * Dp + 2 * Mp) + Mp * Dp + r];
-            mm = ms > mm ? ms : mm;
+            const float* ml = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp) + Mp * Dp;
+            mm = ml[r] > mm ? ml[r] : mm;
+            nan = nan || ml[Mp + r] != ml[Mp + r];
           }
-          float ll = 0.f;
+          float ll = nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
           std::memset(O, 0, sizeof(float) * Dp);
-          if (mm != kNegInf) {
+          if (!nan && mm != kNegInf) {
             for (int64_t sp = 0; sp < nsplit; ++sp) {
               const float* po = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp);
               const float ms = po[Mp * Dp + r];
@@ -416,16 +450,13 @@ void attn_fwd_impl(const AttnFwd& a) {
       }
     }
   }
-  std::free(part);
-  std::free(infos);
-  std::free(scratch);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Backward.
 
 template <class Ops, class S>
-void attn_bwd_impl(const AttnBwd& a) {
+void attn_bwd_impl(const AttnBwd& a) {  // its preamble of tiling sizes is attn_fwd_impl's, kept inline to read as one
   using T = typename S::T;
   const AttnShape& s = a.s;
   const int64_t Hg = s.Hq / s.Hkv, R = Hg * s.Sq, D = s.D, Dp = round_up8(D);
@@ -444,38 +475,20 @@ void attn_bwd_impl(const AttnBwd& a) {
   // Every product is formed on its own in a block buffer and then added to its accumulator, so sums over
   // many rows (dK, dV: Hg * Sq of them) or keys (dQ) round like a blocked sum, not a sequential one.
   const int64_t per = 2 * D * Mp + 4 * Mp * Dp + 2 * BN * Mp + 3 * BN * Dp + 2 * chunk * Dp + 3 * Mp;
-  float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
-  RowInfo* infos = static_cast<RowInfo*>(std::malloc(sizeof(RowInfo) * static_cast<size_t>(nt * BM)));
-  // dQ partials per chunk (fp32), summed in chunk order at the end; only with several chunks
+  // dQ partials per chunk (fp32, shared), summed in chunk order at the end; only with several chunks
   const int64_t qrows = s.B * s.Hq * s.Sq;
-  float* dq_part = nchunk > 1 ? alloc_floats(static_cast<size_t>(nchunk * qrows * Dp)) : nullptr;
-  if (infos == nullptr) {
-    std::free(scratch);
-    std::free(dq_part);
-    throw std::bad_alloc();
-  }
+  const Workspace ws(nt, per, BM, nchunk > 1 ? nchunk * qrows * Dp : 0);
+  float* dq_part = ws.shared;
   const Scales sc = scales_of(s);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num();
-    float* Qt = scratch + t * per;
-    float* dOt = Qt + D * Mp;
-    float* Qr = dOt + D * Mp;
-    float* dOr = Qr + Mp * Dp;
-    float* dQr = dOr + Mp * Dp;
-    float* dQb = dQr + Mp * Dp;
-    float* St = dQb + Mp * Dp;
-    float* dPt = St + BN * Mp;
-    float* Kc = dPt + BN * Mp;
-    float* Vc = Kc + BN * Dp;
-    float* Tb = Vc + BN * Dp;
-    float* dKa = Tb + BN * Dp;
-    float* dVa = dKa + chunk * Dp;
-    float* mrow = dVa + chunk * Dp;
-    float* linv = mrow + Mp;
-    float* delta = linv + Mp;
-    RowInfo* info = infos + t * BM;
+    float *Qt, *dOt, *Qr, *dOr, *dQr, *dQb, *St, *dPt, *Kc, *Vc, *Tb, *dKa, *dVa, *mrow, *linv, *delta;
+    carve(ws.thread_floats(t), Qt, D * Mp, dOt, D * Mp, Qr, Mp * Dp, dOr, Mp * Dp, dQr, Mp * Dp, dQb, Mp * Dp, St,
+          BN * Mp, dPt, BN * Mp, Kc, BN * Dp, Vc, BN * Dp, Tb, BN * Dp, dKa, chunk * Dp, dVa, chunk * Dp, mrow, Mp,
+          linv, Mp, delta, Mp);
+    RowInfo* info = ws.thread_infos(t);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
@@ -566,9 +579,6 @@ void attn_bwd_impl(const AttnBwd& a) {
       }
     }
   }
-  std::free(dq_part);
-  std::free(infos);
-  std::free(scratch);
 }
 
 }  // namespace

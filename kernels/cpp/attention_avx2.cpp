@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "attention.h"
+#include "ukr_rows.h"
 #include "vec_avx2.h"
 
 namespace fastllm {
@@ -37,86 +38,64 @@ inline void ukr(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const flo
     const int64_t k1 = K < k0 + kKc ? K : k0 + kKc;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
            c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+// The per-row steps, applied to the tile's rows by FASTLLM_EACH_ROW6 (ukr_rows.h); FASTLLM_A(r) is the
+// address of A(r, k) in the layout's form (defined around each use).
 #define FASTLLM_ADDC(r, c0, c1)                                                    \
   if constexpr (R > r) {                                                           \
     c0 = _mm256_add_ps(c0, _mm256_loadu_ps(C + r * ldc));                          \
     if constexpr (NV > 1) c1 = _mm256_add_ps(c1, _mm256_loadu_ps(C + r * ldc + 8)); \
   }
-#define FASTLLM_STEP(r, aval, c0, c1)                       \
+#define FASTLLM_STEP(r, c0, c1)                             \
   if constexpr (R > r) {                                    \
-    const __m256 av = _mm256_broadcast_ss(aval);            \
+    const __m256 av = _mm256_broadcast_ss(FASTLLM_A(r));    \
     c0 = _mm256_fmadd_ps(av, b0, c0);                       \
     if constexpr (NV > 1) c1 = _mm256_fmadd_ps(av, b1, c1); \
+  }
+#define FASTLLM_STOREC(r, c0, c1)                                \
+  if constexpr (R > r) {                                         \
+    _mm256_storeu_ps(C + r * ldc, c0);                           \
+    if constexpr (NV > 1) _mm256_storeu_ps(C + r * ldc + 8, c1); \
+  }
+#define FASTLLM_MAXC(r, c0, c1)                       \
+  if constexpr (R > r) {                              \
+    m0 = _mm256_max_ps(m0, c0);                       \
+    if constexpr (NV > 1) m1 = _mm256_max_ps(m1, c1); \
   }
     for (int64_t k = k0; k < k1; ++k) {
       const __m256 b0 = _mm256_loadu_ps(B);
       const __m256 b1 = NV > 1 ? _mm256_loadu_ps(B + 8) : b0;
       B += b_ks;
       if constexpr (L == kRowMajor) {
-        FASTLLM_STEP(0, a0 + k, c00, c01)
-        FASTLLM_STEP(1, a1 + k, c10, c11)
-        FASTLLM_STEP(2, a2 + k, c20, c21)
-        FASTLLM_STEP(3, a3 + k, c30, c31)
-        FASTLLM_STEP(4, a4 + k, c40, c41)
-        FASTLLM_STEP(5, a5 + k, c50, c51)
+#define FASTLLM_A(r) a##r + k
+        FASTLLM_EACH_ROW6(FASTLLM_STEP)
+#undef FASTLLM_A
       } else if constexpr (L == kColMajor) {
-        FASTLLM_STEP(0, a0 + 0, c00, c01)
-        FASTLLM_STEP(1, a0 + 1, c10, c11)
-        FASTLLM_STEP(2, a0 + 2, c20, c21)
-        FASTLLM_STEP(3, a0 + 3, c30, c31)
-        FASTLLM_STEP(4, a0 + 4, c40, c41)
-        FASTLLM_STEP(5, a0 + 5, c50, c51)
+#define FASTLLM_A(r) a0 + r
+        FASTLLM_EACH_ROW6(FASTLLM_STEP)
+#undef FASTLLM_A
         a0 += a_ks;
       } else {
         const int64_t o = k * a_ks;
-        FASTLLM_STEP(0, a0 + o, c00, c01)
-        FASTLLM_STEP(1, a1 + o, c10, c11)
-        FASTLLM_STEP(2, a2 + o, c20, c21)
-        FASTLLM_STEP(3, a3 + o, c30, c31)
-        FASTLLM_STEP(4, a4 + o, c40, c41)
-        FASTLLM_STEP(5, a5 + o, c50, c51)
+#define FASTLLM_A(r) a##r + o
+        FASTLLM_EACH_ROW6(FASTLLM_STEP)
+#undef FASTLLM_A
       }
     }
     if (acc || k0 > 0) {  // add this chunk's sums to the running total in C
-      FASTLLM_ADDC(0, c00, c01)
-      FASTLLM_ADDC(1, c10, c11)
-      FASTLLM_ADDC(2, c20, c21)
-      FASTLLM_ADDC(3, c30, c31)
-      FASTLLM_ADDC(4, c40, c41)
-      FASTLLM_ADDC(5, c50, c51)
+      FASTLLM_EACH_ROW6(FASTLLM_ADDC)
     }
-#undef FASTLLM_ADDC
-#undef FASTLLM_STEP
-#define FASTLLM_STOREC(r, c0, c1)                                \
-  if constexpr (R > r) {                                         \
-    _mm256_storeu_ps(C + r * ldc, c0);                           \
-    if constexpr (NV > 1) _mm256_storeu_ps(C + r * ldc + 8, c1); \
-  }
-    FASTLLM_STOREC(0, c00, c01)
-    FASTLLM_STOREC(1, c10, c11)
-    FASTLLM_STOREC(2, c20, c21)
-    FASTLLM_STOREC(3, c30, c31)
-    FASTLLM_STOREC(4, c40, c41)
-    FASTLLM_STOREC(5, c50, c51)
-#undef FASTLLM_STOREC
+    FASTLLM_EACH_ROW6(FASTLLM_STOREC)
     if (colmax != nullptr && k1 >= K) {  // epilogue: column maxima of the tile folded into colmax (row max)
       __m256 m0 = _mm256_loadu_ps(colmax), m1 = NV > 1 ? _mm256_loadu_ps(colmax + 8) : m0;
-#define FASTLLM_MAXC(r, c0, c1)                         \
-  if constexpr (R > r) {                                \
-    m0 = _mm256_max_ps(m0, c0);                         \
-    if constexpr (NV > 1) m1 = _mm256_max_ps(m1, c1);   \
-  }
-      FASTLLM_MAXC(0, c00, c01)
-      FASTLLM_MAXC(1, c10, c11)
-      FASTLLM_MAXC(2, c20, c21)
-      FASTLLM_MAXC(3, c30, c31)
-      FASTLLM_MAXC(4, c40, c41)
-      FASTLLM_MAXC(5, c50, c51)
-#undef FASTLLM_MAXC
+      FASTLLM_EACH_ROW6(FASTLLM_MAXC)
       _mm256_storeu_ps(colmax, m0);
       if constexpr (NV > 1) _mm256_storeu_ps(colmax + 8, m1);
     }
   }
+#undef FASTLLM_ADDC
+#undef FASTLLM_STEP
+#undef FASTLLM_STOREC
+#undef FASTLLM_MAXC
 }
 
 template <int NV, ALayout L>
@@ -124,16 +103,10 @@ inline void gemm_strip(int64_t M, int64_t K, const float* A, int64_t a_rs, int64
                        int64_t b_ks, float* C, int64_t ldc, bool acc, float* cm) {
   int64_t m0 = 0;
   for (; m0 + 6 <= M; m0 += 6) ukr<6, NV, L>(K, A + m0 * a_rs, a_rs, a_ks, B, b_ks, C + m0 * ldc, ldc, acc, cm);
-  const float* a = A + m0 * a_rs;
-  float* cc = C + m0 * ldc;
-  switch (M - m0) {
-    case 5: ukr<5, NV, L>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
-    case 4: ukr<4, NV, L>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
-    case 3: ukr<3, NV, L>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
-    case 2: ukr<2, NV, L>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
-    case 1: ukr<1, NV, L>(K, a, a_rs, a_ks, B, b_ks, cc, ldc, acc, cm); break;
-    default: break;
-  }
+  if (m0 < M)  // the last 1..5 rows
+    with_rows<5>(static_cast<int>(M - m0), [&](auto rows) {
+      ukr<decltype(rows)::value, NV, L>(K, A + m0 * a_rs, a_rs, a_ks, B, b_ks, C + m0 * ldc, ldc, acc, cm);
+    });
 }
 
 template <ALayout L>
@@ -158,9 +131,9 @@ struct Avx2Ops {
       gemm_l<kStrided>(M, N, K, A, a_rs, a_ks, B, b_ks, C, ldc, acc, colmax);
   }
   // Decode-shaped scores: St (n x 8, columns [0, M) rounded up to 4) = K (n x Dp rows, stride ldk) . Qr^T
-  // (Qr: 8 x Dp rows, zero past the M real rows and past D). Dot-product form, 2 keys x 4 rows per step (8 accumulators, each summing Dp/8
-  // terms per lane, then a tree of hadds): the 8-wide broadcast GEMM would spend half its FMAs on padding
-  // when a row block holds only Hg * Sn = 4 rows.
+  // (Qr: 8 x Dp rows, zero past the M real rows and past D). Dot-product form, 2 keys x 4 rows per step
+  // (8 accumulators, each summing Dp/8 terms per lane, then a tree of hadds): the 8-wide broadcast GEMM would
+  // spend half its FMAs on padding when a row block holds only Hg * Sn = 4 rows.
   static void qk_small(int64_t n, int64_t M, int64_t Dp, const float* K, int64_t ldk, const float* Qr, float* St,
                        float* colmax) {
     __m128 mx0 = _mm_loadu_ps(colmax), mx1 = _mm_loadu_ps(colmax + 4);
@@ -185,7 +158,8 @@ struct Avx2Ops {
         }
         const __m256 h01 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
         const __m256 h23 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-        const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
+        const __m256 sum =
+            _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
         const __m128 s0 = _mm256_castps256_ps128(sum), s1 = _mm256_extractf128_ps(sum, 1);
         __m128& mxr = r == 0 ? mx0 : mx1;
         _mm_storeu_ps(St + j * 8 + r, s0);
@@ -200,8 +174,7 @@ struct Avx2Ops {
     _mm_storeu_ps(colmax + 4, mx1);
   }
   // St (n x ld, columns [0, w)) = exp2(St cb - m[col]) (one rounding: fma) (* post[col] when post is not
-  // null); sum[col] = the
-  // column sums (when sum is not null).
+  // null); sum[col] = the column sums (when sum is not null). NaN in, NaN out (exp2_ps keeps NaN).
   static void exp2_block(float* St, int64_t n, int64_t ld, int64_t w, const float* m, float cb, const float* post,
                          float* sum) {
     const __m256 cv = _mm256_set1_ps(cb);
