@@ -113,6 +113,7 @@ ACTS = [None, "gelu", "gelu_tanh", "quick_gelu", "relu", "silu"]
 @pytest.mark.parametrize("act", ACTS)
 def test_linear(backend, act, dtype, value):
     _interpreter_budget(backend, dtype, act)
+
     def fast(x, w, b, r):
         return fastllm.linear(x, w, b, activation=act, residual=r)
 
@@ -129,6 +130,7 @@ def test_linear(backend, act, dtype, value):
 @pytest.mark.parametrize("act", ACTS[1:])
 def test_fused_ffn(backend, act, dtype, value):
     _interpreter_budget(backend, dtype, act)
+
     def fast(x, w1, w2, b1, b2):
         return fastllm.fused_ffn(x, w1, w2, b1=b1, b2=b2, activation=act)
 
@@ -144,6 +146,7 @@ def test_fused_ffn(backend, act, dtype, value):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 def test_fused_gated_ffn(backend, act, dtype, value):
     _interpreter_budget(backend, dtype, act)
+
     def fast(x, wg, wu, wd, bg):
         return fastllm.fused_gated_ffn(x, wg, wu, wd, b_gate=bg, activation=act)
 

@@ -271,9 +271,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _mask_args(mask, q, Sk):
     """(pointer, dtype code, strides b/h/i/j in elements) of a 4-D mask broadcast to (B, Hq, Sq, Sk)."""
     if mask is None:
-        return 0, -1, (0, 0, 0, 0)
+        return 0, _ext.code("mask", "none"), (0, 0, 0, 0)
     m = mask.expand(q.shape[0], q.shape[1], q.shape[2], Sk)
-    code = 3 if m.dtype == torch.bool else _ext.DTYPE_CODES[m.dtype]
+    code = _ext.code("mask", "bool") if m.dtype == torch.bool else _ext.DTYPE_CODES[m.dtype]
     strides = tuple(s if n > 1 else 0 for s, n in zip(m.stride(), m.shape, strict=True))
     return m.data_ptr(), code, strides
 
