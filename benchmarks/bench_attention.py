@@ -33,7 +33,7 @@ def math_attention(q, k, v, causal):
     if causal:
         S = q.shape[-2]
         s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+    return torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1).to(q.dtype) @ v
 
 
 def _fwd_bwd(fn):

@@ -16,8 +16,9 @@ OPS = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"]
 
 
 def hf_rms_norm(h, w, eps):
-    """The RMSNorm of Llama / HF transformers in eager PyTorch."""
-    hf = h.float()
+    """The RMSNorm of Llama / HF transformers in eager PyTorch (fp32 math; float64 stays float64, so that the
+    float64 reference is one: with HF's literal h.float() it was computed in fp32, equal to eager's)."""
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))
     return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
