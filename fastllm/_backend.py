@@ -20,20 +20,14 @@ import logging
 import os
 from dataclasses import dataclass
 
+from fastllm._ext import env_choice
+
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
 logger = logging.getLogger("fastllm")
 
 
-def env_flag(name: str) -> bool:
-    """A 0/1 environment variable (unset or empty = 0); any other value raises, naming the variable."""
-    value = os.environ.get(name, "")
-    if value.strip() not in ("", "0", "1"):
-        raise ValueError(f"{name}={value!r}: accepted values are 0 and 1 (unset means 0)")
-    return value.strip() == "1"
-
-
-if env_flag("FASTLLM_DEBUG") and not logger.handlers:
+if env_choice("FASTLLM_DEBUG", ("0", "1"), "0") == "1" and not logger.handlers:
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("[fastllm] %(message)s"))
     logger.addHandler(_handler)
