@@ -50,8 +50,18 @@ def get_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    env = os.environ.get("FASTLLM_BACKEND", "")
+    env = _getenv("FASTLLM_BACKEND")
     return _check_name(env, "FASTLLM_BACKEND") if env else "auto"
+
+
+def _getenv(name: str) -> str:
+    """os.environ.get(name, "") in ~0.1 us instead of ~1.5 us (it runs on every op call): CPython's os.environ keeps
+    the encoded environment in `_data`; anything else falls back to the public lookup."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and os.name == "posix":
+        value = data.get(name.encode())
+        return value.decode() if value is not None else ""
+    return os.environ.get(name, "")
 
 
 @contextlib.contextmanager

@@ -261,7 +261,8 @@ def _vec(t):
 
 
 def _linear_cpp(x, w, b, residual, activation, save_pre):
-    x, residual = _rows(x), _rows(residual)
+    x = x if x.is_contiguous() else _rows(x)  # (the decode path: no reshape when there is nothing to do)
+    residual = residual if residual is None or residual.is_contiguous() else _rows(residual)
     M, N = x.shape[0], w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype)
     keep = save_pre and activation != "none"
@@ -556,7 +557,7 @@ def linear(x, weight, bias=None, *, activation=None, residual=None) -> torch.Ten
     added after the activation (the residual stream of a block's output projection).
     """
     op = "linear"
-    x2 = _flat(op, x)
+    x2 = x if type(x) is torch.Tensor and x.dim() == 2 else _flat(op, x)
     check_tensor(op, "weight", weight)
     act = _act_arg(op, activation, True)
     res = residual
@@ -568,7 +569,7 @@ def linear(x, weight, bias=None, *, activation=None, residual=None) -> torch.Ten
         res = residual.reshape(-1, n)
     save = _needs_grad(x, weight, bias, residual) and act != "none"
     y, _ = linear_fwd(x2, weight, bias, res, act, save)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def fused_ffn(x, w1, w2, *, b1=None, b2=None, activation: str = "gelu") -> torch.Tensor:

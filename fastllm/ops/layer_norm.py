@@ -106,19 +106,22 @@ def _unsupported(x, residual, weight, bias) -> str | None:
 
 
 def _fwd_cpp(x, residual, weight, bias, eps, rms):
+    # Every call of a decode step comes here (~60 per token in a 30-layer model): the allocation is empty_like
+    # (~1 us against ~4 us for torch.empty(shape, ...)) and the binding is called positionally (kwargs parsing
+    # costs ~1.5 us). The arguments are those of C.norm_fwd (kernels/cpp/bindings.cpp), in order.
     n = x.shape[-1]
-    x2 = as_rows(x, n)
-    r2 = as_rows(residual, n) if residual is not None else None
-    out = torch.empty(x.shape, dtype=x.dtype)
-    h = torch.empty(x.shape, dtype=x.dtype) if residual is not None else None
-    w = weight.contiguous() if weight is not None else None
-    b = bias.contiguous() if bias is not None else None
+    x2 = x if x.is_contiguous() else as_rows(x, n)
+    r2 = None if residual is None else residual if residual.is_contiguous() else as_rows(residual, n)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(out) if residual is not None else None
+    w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    numel = out.numel()
     stream = out.nbytes * (2 if h is not None else 1) >= STREAM_BYTES
-    _ext.C.norm_fwd(
-        out=out.data_ptr(), h=ptr(h), x=x2.data_ptr(), res=ptr(r2), w=ptr(w), b=ptr(b), M=x2.shape[0], N=n,
-        x_stride=x2.stride(0), res_stride=r2.stride(0) if r2 is not None else 0, eps=eps, rms=rms,
-        stream=stream, dtype=_ext.DTYPE_CODES[x.dtype], nthreads=_ext.num_threads(x.numel()),
-    )  # fmt: skip
+    x_stride = n if x2 is x else x2.stride(0)
+    r_stride = 0 if r2 is None else n if r2 is residual else r2.stride(0)
+    _ext.C.norm_fwd(out.data_ptr(), ptr(h), x2.data_ptr(), ptr(r2), ptr(w), ptr(b), numel // n if n else 0, n,
+                    x_stride, r_stride, eps, rms, stream, _ext.DTYPE_CODES[x.dtype], _ext.num_threads(numel))  # fmt: skip
     return out, h
 
 

@@ -35,7 +35,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 8;
+constexpr int kAbi = 9;
 
 template <class T>
 T* ptr(uintptr_t p) {
