@@ -30,10 +30,9 @@ def _inputs():
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "no_input_requires_grad"])
 def test_direct_path_taken_and_identical(mode):
     x, w, b, lw = _inputs()
-    with torch.no_grad():  # through the op: explain forces it
-        with fastllm.explain():
-            ref_ln = fastllm.layer_norm(x, w, b)
-            ref_lin = fastllm.linear(x, lw, activation="gelu")
+    with torch.no_grad(), fastllm.explain():  # through the op: explain forces it
+        ref_ln = fastllm.layer_norm(x, w, b)
+        ref_lin = fastllm.linear(x, lw, activation="gelu")
     ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(mode, torch.enable_grad)
     with ctx():
         ln, n_ln = _calls(L._layer_norm, lambda: fastllm.layer_norm(x, w, b))

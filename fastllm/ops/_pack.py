@@ -32,8 +32,6 @@ _cache: dict = {}
 _by_id: dict = {}  # (id(w), id(w2), layout) -> the entry of _cache last packed for those objects
 
 
-
-
 def clear_weight_cache() -> None:
     """Drop every cached packed weight (needed only after writes through `weight.data`, see the module doc)."""
     _cache.clear()

@@ -120,8 +120,9 @@ def _fwd_cpp(x, residual, weight, bias, eps, rms):
     stream = out.nbytes * (2 if h is not None else 1) >= STREAM_BYTES
     x_stride = n if x2 is x else x2.stride(0)
     r_stride = 0 if r2 is None else n if r2 is residual else r2.stride(0)
-    _ext.C.norm_fwd(out.data_ptr(), ptr(h), x2.data_ptr(), ptr(r2), ptr(w), ptr(b), numel // n if n else 0, n,
-                    x_stride, r_stride, eps, rms, stream, _ext.DTYPE_CODES[x.dtype], _ext.num_threads(numel))  # fmt: skip
+    M, code = numel // n if n else 0, _ext.DTYPE_CODES[x.dtype]
+    _ext.C.norm_fwd(out.data_ptr(), ptr(h), x2.data_ptr(), ptr(r2), ptr(w), ptr(b), M, n, x_stride, r_stride, eps,
+                    rms, stream, code, _ext.num_threads(numel))  # fmt: skip
     return out, h
 
 
