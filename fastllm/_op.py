@@ -174,6 +174,16 @@ class Op:
         if not _direct_ok(args):
             return self.overload(*args)
         self._validate(*args)
+        return self._direct(args)
+
+    def prevalidated(self, *args):
+        """As calling the op, for a public function that has just run the op's validation on these arguments
+        itself (with its own argument names): the direct path does not run it a second time."""
+        if not _direct_ok(args):
+            return self.overload(*args)
+        return self._direct(args)
+
+    def _direct(self, args):
         device = _device_type(args[0])
         wanted = _backend.get_backend()
         key = (device, wanted, _ext.C.isa() if _ext.C is not None else "")

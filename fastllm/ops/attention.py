@@ -492,9 +492,10 @@ def scaled_dot_product_attention(
             f"{op}: query has {query.shape[1]} heads but key/value have {key.shape[1]}; pass enable_gqa=True for GQA"
         )
     _check_qkv(op, query, key, value, ("query", "key", "value"))
-    out, _ = attention_fwd(
-        query, key, value, _mask4(op, attn_mask), None, bool(is_causal), False, _scale(op, scale, query.shape[-1])
-    )
+    mask = _mask4(op, attn_mask)
+    _check_mask(op, mask, query, key.shape[2])  # with _check_qkv: _fwd_check, hence prevalidated
+    args = (query, key, value, mask, None, bool(is_causal), False, _scale(op, scale, query.shape[-1]))
+    out, _ = attention_fwd.prevalidated(*args)
     return out.squeeze(1) if squeeze else out
 
 
@@ -511,5 +512,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None) -> torch
     _tensors(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     _check_qkv(op, q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     _check_kv_len(op, cache_seqlens, q, k_cache.shape[2])
-    out, _ = attention_fwd(q, k_cache, v_cache, None, cache_seqlens, True, True, _scale(op, scale, q.shape[-1]))
+    # (prevalidated: the checks above are _fwd_check's, with the argument names of this function)
+    args = (q, k_cache, v_cache, None, cache_seqlens, True, True, _scale(op, scale, q.shape[-1]))
+    out, _ = attention_fwd.prevalidated(*args)
     return out
