@@ -183,14 +183,26 @@ class Op:
             return self.overload(*args)
         return self._direct(args)
 
-    def _direct(self, args):
-        device = _device_type(args[0])
+    def _kernel(self, device: str) -> Kernel | None:
         wanted = _backend.get_backend()
         key = (device, wanted, _ext.C.isa() if _ext.C is not None else "")
         try:
-            kernel = self._chosen[key]
+            return self._chosen[key]
         except KeyError:
             kernel = self._chosen[key] = self._process_choice(device, wanted)
+            return kernel
+
+    def cpp_lane(self, args) -> bool:
+        """Whether a call with these arguments may take a hand-written lean path to the C++ kernel (a public
+        function's decode fast lane, which checks the common case itself and falls back to calling the op):
+        the direct path is allowed and the C++ kernel is the one chosen for CPU tensors now."""
+        if not _direct_ok(args) or self._kernel("cpu") is not self._kernels.get("cpp"):
+            return False
+        self.direct_calls += 1
+        return True
+
+    def _direct(self, args):
+        kernel = self._kernel(_device_type(args[0]))
         self.direct_calls += 1
         if kernel is None or kernel.unsupported(*args) is not None:
             return self._reference(*args)

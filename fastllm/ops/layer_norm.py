@@ -295,6 +295,42 @@ _add_rms_norm = _make(
 # Public functions.
 
 
+def _lean_vec(t, x, n: int) -> bool:
+    if t is None:
+        return True
+    return isinstance(t, torch.Tensor) and t.dtype is x.dtype and t.is_cpu and t.dim() == 1 and t.shape[0] == n \
+        and t.is_contiguous()  # fmt: skip
+
+
+def _lean(op, x, residual, weight, bias, eps, rms: bool):
+    """The decode fast lane of the four public functions: the common case (contiguous CPU tensors of one kernel
+    dtype, matching shapes, a float eps) checked in a few attribute reads, then the C++ kernel, with nothing in
+    between (a 30-layer decoder makes ~60 norm calls per token). None when the call is anything else: the caller
+    then goes through the op as usual, which validates fully (and raises the errors) and dispatches."""
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
+        return None
+    numel = x.numel()
+    if not numel or not x.dim() or type(eps) is not float or not eps >= 0.0:
+        return None
+    n = x.shape[-1]
+    if not (_lean_vec(weight, x, n) and _lean_vec(bias, x, n)):
+        return None
+    if residual is not None and not (
+        type(residual) is torch.Tensor and residual.dtype is x.dtype and residual.is_cpu
+        and residual.shape == x.shape and residual.is_contiguous()
+    ):  # fmt: skip
+        return None
+    if not op.cpp_lane((x, residual, weight, bias)):
+        return None
+    out = torch.empty_like(x)  # (x is contiguous: so is out)
+    h = torch.empty_like(x) if residual is not None else None
+    nbytes = out.nbytes * (2 if h is not None else 1)
+    code, stream = _ext.DTYPE_CODES[x.dtype], nbytes >= STREAM_BYTES
+    _ext.C.norm_fwd(out.data_ptr(), ptr(h), x.data_ptr(), ptr(residual), ptr(weight), ptr(bias), numel // n, n, n,
+                    n, eps, rms, stream, code, _ext.num_threads(numel))  # fmt: skip
+    return out if residual is None else (out, h)
+
+
 def _eps(op: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
@@ -310,23 +346,35 @@ def _tensors(op: str, **named) -> None:
 
 def layer_norm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (weight/bias optional)."""
+    out = _lean(_layer_norm, x, None, weight, bias, eps, False)
+    if out is not None:
+        return out
     _tensors("layer_norm", x=x, weight=weight, bias=bias)
     return _layer_norm(x, weight, bias, _eps("layer_norm", eps))
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
     """(layer_norm(x + residual), x + residual) in one pass over memory: the pre-norm block pattern."""
+    out = _lean(_add_layer_norm, x, residual, weight, bias, eps, False)
+    if out is not None:
+        return out
     _tensors("add_layer_norm", x=x, residual=residual, weight=weight, bias=bias)
     return _add_layer_norm(x, residual, weight, bias, _eps("add_layer_norm", eps))
 
 
 def rms_norm(x: torch.Tensor, weight=None, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight."""
+    out = _lean(_rms_norm, x, None, weight, None, eps, True)
+    if out is not None:
+        return out
     _tensors("rms_norm", x=x, weight=weight)
     return _rms_norm(x, weight, _eps("rms_norm", eps))
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight=None, eps: float = 1e-6):
     """(rms_norm(x + residual), x + residual) in one pass over memory."""
+    out = _lean(_add_rms_norm, x, residual, weight, None, eps, True)
+    if out is not None:
+        return out
     _tensors("add_rms_norm", x=x, residual=residual, weight=weight)
     return _add_rms_norm(x, residual, weight, _eps("add_rms_norm", eps))
