@@ -5,7 +5,7 @@ meta tensors) and autograd, dispatched by device: CUDA -> Triton, CPU -> C++, an
 take -> the plain-PyTorch reference beside the op. See `fastllm.backend` and `fastllm.explain`.
 """
 
-from fastllm import nn
+from fastllm import models, nn
 from fastllm._backend import Dispatch, backend, explain, get_backend
 from fastllm.nn.int8 import quantize_
 from fastllm.ops import (
@@ -42,6 +42,7 @@ __all__ = [
     "int8_matmul",
     "layer_norm",
     "linear",
+    "models",
     "nn",
     "quantize_",
     "quantize_int8",
