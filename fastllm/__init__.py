@@ -19,8 +19,10 @@ from fastllm.ops import (
     int8_matmul,
     layer_norm,
     linear,
+    qkv_projection,
     quantize_int8,
     rms_norm,
+    rotary_embedding,
     scaled_dot_product_attention,
     w8a16_linear,
 )
@@ -44,9 +46,11 @@ __all__ = [
     "linear",
     "models",
     "nn",
+    "qkv_projection",
     "quantize_",
     "quantize_int8",
     "rms_norm",
+    "rotary_embedding",
     "scaled_dot_product_attention",
     "w8a16_linear",
 ]

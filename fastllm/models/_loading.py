@@ -116,7 +116,10 @@ def _build(d: dict, state: dict, dtype, device):
     for k, v in expected.items():
         if tuple(mapped[k].shape) != tuple(v.shape):
             raise ValueError(f"weight {k}: shape {tuple(mapped[k].shape)} does not match the config's {tuple(v.shape)}")
-    tensors = {k: mapped[k].to(device=device or "cpu", dtype=dtype) for k in expected}
+    # copies, made outside inference mode: our parameters are never views of the source's, and never inference
+    # tensors (those have no version counter, so the packed-weight cache could not keep them)
+    with torch.inference_mode(False):
+        tensors = {k: mapped[k].to(device=device or "cpu", dtype=dtype, copy=True) for k in expected}
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -5,6 +5,8 @@ from fastllm.ops.attention import decode_attention, flash_attention, scaled_dot_
 from fastllm.ops.gemm import fused_ffn, fused_gated_ffn, linear
 from fastllm.ops.int8 import int8_matmul, quantize_int8, w8a16_linear
 from fastllm.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastllm.ops.qkv import qkv_projection
+from fastllm.ops.rope import rotary_embedding
 
 __all__ = [
     "add_layer_norm",
@@ -17,8 +19,10 @@ __all__ = [
     "int8_matmul",
     "layer_norm",
     "linear",
+    "qkv_projection",
     "quantize_int8",
     "rms_norm",
+    "rotary_embedding",
     "scaled_dot_product_attention",
     "w8a16_linear",
 ]
