@@ -391,7 +391,9 @@ def test_backward_says_inference_only():
 def test_opcheck():
     a = torch.randint(-128, 128, (5, 24), dtype=torch.int8)
     b = torch.randint(-128, 128, (7, 24), dtype=torch.int8)
-    torch.library.opcheck(Q.int8_matmul_op.overload, (a, b, torch.rand(5), torch.rand(7), torch.randn(7), torch.float32))
+    torch.library.opcheck(
+        Q.int8_matmul_op.overload, (a, b, torch.rand(5), torch.rand(7), torch.randn(7), torch.float32)
+    )
     torch.library.opcheck(Q.quantize_int8_op.overload, (torch.randn(6, 10), -1))
     torch.library.opcheck(Q.quantize_int8_op.overload, (torch.randn(6, 10), 0))
     torch.library.opcheck(Q.w8a16_op.overload, (torch.randn(3, 24), b, torch.rand(7), None))

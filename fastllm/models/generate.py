@@ -24,8 +24,6 @@ from collections.abc import Iterator
 
 import torch
 
-_compiled_steps: dict = {}  # id(model) -> the torch.compile'd decode step of that model (kept while it lives)
-
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None,
              top_p=None, eos_token_id=None, pad_token_id=None, generator=None, *,
@@ -58,7 +56,7 @@ def _stream(model, input_ids, spans, max_new_tokens, sampling, eos, pad, compile
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)
     logits = prefill(model, input_ids, spans, cache)  # (B, V)
-    step = _compiled_step(model) if compile else decode_step
+    step = _compiled_step() if compile else decode_step
     eos_t = torch.tensor(eos, device=input_ids.device) if eos else None
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
@@ -108,14 +106,10 @@ def _takes_last_only(cls) -> bool:
     return "last_only" in inspect.signature(cls.forward).parameters
 
 
-def _compiled_step(model):
-    """torch.compile of decode_step, one per model (its guards hold the model's parameters)."""
-    entry = _compiled_steps.get(id(model))
-    if entry is None or entry[0]() is not model:
-        import weakref
-
-        entry = _compiled_steps[id(model)] = (weakref.ref(model), torch.compile(decode_step))
-    return entry[1]
+@functools.cache
+def _compiled_step():
+    """torch.compile of decode_step (one wrapper: dynamo keeps the graphs on decode_step's code, guarded per model)."""
+    return torch.compile(decode_step)
 
 
 # --------------------------------------------------------------------------------------------------

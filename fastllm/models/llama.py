@@ -3,14 +3,23 @@
     x = embed_tokens[ids]                                    (B, S, d)
     for each layer:                                          pre-norm residual blocks
         h, r = add_rms_norm(x, r)                            (the residual add fused into the norm)
-        x = o_proj(attn(rope(qkv_proj(h))))                  GQA, causal; fastllm.flash/decode_attention
+        q, k, v = qkv_proj(h)                                (B, Hq | Hkv | Hkv, S, D), one GEMM; Qwen2: + bias
+        q, k = rope(q, k, positions)                         rope_theta, rope_scaling None / default / llama3
+        x = o_proj(attn(q, k, v))                            GQA, causal; flash_attention / decode_attention
         h, r = add_rms_norm(x, r)
         x = down(silu(gate(h)) * up(h))                      SwiGLU, one fused_gated_ffn
     logits = lm_head(rms_norm(x + r))                        (B, S, vocab); lm_head tied to embed_tokens or not
 
-Config keys that change the math and are not implemented raise (never a silently different model): a
-rope_type other than default / llama3, partial rotary, an activation other than silu, a sliding window shorter
-than the sequences (Mistral: the window caps the supported length instead), Qwen2's use_sliding_window.
+Config keys that change the math and are not implemented raise a ValueError naming the key (never a silently
+different model): a rope type other than default / llama3, partial rotary, an activation fused_gated_ffn lacks,
+a pre-quantized checkpoint (quantization_config). Decisions:
+  - sliding window (Mistral's sliding_window, Qwen2's use_sliding_window on some layer): attention over windows
+    is not implemented, but for sequences no longer than the window it equals full causal attention (HF's window
+    keeps keys j > i - window). So the window caps the model's length (config.max_seq_len): exact up to it,
+    longer inputs and caches are refused with a ValueError naming sliding_window.
+  - attention_dropout (and any dropout): only matters for training with dropout, which this model does not do;
+    the forward is the eval-mode forward (autograd works).
+  - pretraining_tp: a training-time sharding hint of the same math; ignored.
 """
 
 from dataclasses import dataclass, field
@@ -18,11 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastllm.nn.attention import Attention, GatedMLP, project, rope_inv_freq, rope_tables
+from fastllm.nn.attention import Attention, GatedMLP, Rotary, hf_activation, plan, project
 from fastllm.nn.kv_cache import KVCache
+from fastllm.nn.layer_norm import RMSNorm
 from fastllm.ops.layer_norm import add_rms_norm, rms_norm
 
 FAMILIES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_PREFIX = "model."  # HF keys: model.layers.{i}..., model.embed_tokens.weight, model.norm.weight, lm_head.weight
 
 
 @dataclass
@@ -37,78 +49,122 @@ class LlamaConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # None or HF's llama3 dict
+    hidden_act: str = "silu"  # fastllm's activation name (fused_gated_ffn)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: always; Llama: attention_bias
-    o_bias: bool = False
+    o_bias: bool = False  # Llama: attention_bias
     mlp_bias: bool = False
+    sliding_window: int | None = None  # a window shorter than max_position_embeddings caps the length
     model_type: str = "llama"
-    max_seq_len: int = 0  # longest sequence this model computes exactly (the sliding window, if shorter)
     hf: dict = field(default_factory=dict, repr=False)  # the Hugging Face config it came from (save_pretrained)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence this model computes exactly."""
+        w = self.sliding_window
+        return self.max_position_embeddings if w is None else min(w, self.max_position_embeddings)
+
+    @property
+    def limit_note(self) -> str:
+        w = self.sliding_window
+        return ", its sliding_window" if w is not None and w < self.max_position_embeddings else ""
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlamaConfig":
+        """From a Hugging Face config dict (config.json, or transformers' config.to_dict())."""
         mt = d.get("model_type")
         if mt not in FAMILIES:
             raise ValueError(f"LlamaConfig: model_type {mt!r} is not a Llama-family model ({', '.join(FAMILIES)})")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"LlamaConfig: hidden_act {act!r} is not supported (silu)")
+        if d.get("quantization_config"):
+            raise ValueError("LlamaConfig: quantization_config (a pre-quantized checkpoint) is not supported; load "
+                             "the float weights, then fastllm.quantize_")  # fmt: skip
+        act = hf_activation("LlamaConfig", "hidden_act", d.get("hidden_act", "silu"))
         # transformers >= 5 writes rope_parameters {rope_type, rope_theta, ...}; older files rope_theta + rope_scaling
         rope = dict(d.get("rope_parameters") or {})
         if not rope:
             rope = dict(d.get("rope_scaling") or {})
-            rope["rope_theta"] = d.get("rope_theta", 10000.0)
-        if "type" in rope and "rope_type" not in rope:
-            rope["rope_type"] = rope["type"]
-        kind = rope.get("rope_type", "default")
+            rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
-            raise ValueError(f"LlamaConfig: rope_scaling type {kind!r} is not supported (default, llama3)")
-        if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError("LlamaConfig: partial_rotary_factor != 1 is not supported")
+            raise ValueError(f"LlamaConfig: rope_scaling / rope_parameters: rope_type {kind!r} is not supported "
+                             "(default, llama3)")  # fmt: skip
+        for where in (rope, d):
+            if where.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+                raise ValueError("LlamaConfig: partial_rotary_factor != 1 (partial rotary) is not supported")
+        scaling = None
+        if kind == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in keys if k not in rope]
+            if missing:
+                raise ValueError(f"LlamaConfig: rope_scaling llama3 lacks {', '.join(missing)}")
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
         heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
         max_pos = d.get("max_position_embeddings", 2048)
-        max_seq = max_pos
-        window = d.get("sliding_window")
-        if mt == "qwen2" and d.get("use_sliding_window", False):
-            raise ValueError("LlamaConfig: use_sliding_window=True (Qwen2 sliding-window layers) is not supported")
-        if mt == "mistral" and window is not None:
-            max_seq = min(max_seq, int(window))  # exact up to the window; longer inputs are refused
-        if d.get("pretraining_tp", 1) not in (1, None):
-            pass  # (a training-time sharding hint; the math is the same)
-        qkv_bias = True if mt == "qwen2" else bool(d.get("attention_bias", False))
+        window = None
+        if mt == "mistral" or (mt == "qwen2" and d.get("use_sliding_window", False)):
+            window = d.get("sliding_window")
+            if mt == "qwen2" and window is not None:  # only the layers layer_types (or i >= max_window_layers) name
+                types = d.get("layer_types")
+                n = d["num_hidden_layers"]
+                slides = ("sliding_attention" in types) if types else n > d.get("max_window_layers", n)
+                window = window if slides else None
+        if window is not None and int(window) >= max_pos:
+            window = None
+        bias = bool(d.get("attention_bias", False)) and mt == "llama"
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
-            max_position_embeddings=max_pos, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", 10000.0)), rope_scaling=rope if kind == "llama3" else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-            o_bias=mt != "qwen2" and bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
-            model_type=mt, max_seq_len=max_seq, hf=dict(d),
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads, max_position_embeddings=max_pos,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling, hidden_act=act, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=mt == "qwen2" or bias, o_bias=bias, mlp_bias=mt == "llama" and bool(d.get("mlp_bias", False)),
+            sliding_window=None if window is None else int(window), model_type=mt, hf=dict(d),
         )  # fmt: skip
+
+    def to_hf(self) -> dict:
+        """A Hugging Face config dict (the one it came from, with this config's values written over it)."""
+        d = dict(self.hf)
+        for k in ("rope_parameters", "rope_scaling", "quantization_config", "torch_dtype"):
+            d.pop(k, None)
+        act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu",
+               "relu": "relu"}[self.hidden_act]  # fmt: skip
+        d.update(model_type=self.model_type, architectures=[ARCHITECTURES[self.model_type]],
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                 max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+                 rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, hidden_act=act,
+                 tie_word_embeddings=self.tie_word_embeddings)  # fmt: skip
+        if self.model_type == "llama":
+            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2" and self.sliding_window is None:
+            d["use_sliding_window"] = False
+        return d
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig, rope, dtype=None, device=None):
+    def __init__(self, c: LlamaConfig, rotary: Rotary, dtype=None, device=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
-        self.input_layernorm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                   c.qkv_bias, c.o_bias, rope, **kw)  # fmt: skip
-        self.post_attention_layernorm = nn.Parameter(torch.ones(c.hidden_size, **kw))
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.mlp_bias, **kw)
-        self.eps = c.rms_norm_eps
+                                   qkv_bias=c.qkv_bias, o_bias=c.o_bias, rotary=rotary, **kw)  # fmt: skip
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, bias=c.mlp_bias, **kw)
 
-    def forward(self, x, r, positions, layer: int, cache):
+    def forward(self, x, r, step, layer: int):
         """x: the last sublayer's output, r: the residual stream before it (None at the first layer)."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if r is None:
-            h, r = rms_norm(x, self.input_layernorm, self.eps), x
+            h, r = rms_norm(x, n1.weight, n1.eps), x
         else:
-            h, r = add_rms_norm(x, r, self.input_layernorm, self.eps)
-        x = self.self_attn(h, positions, layer, cache)
-        h, r = add_rms_norm(x, r, self.post_attention_layernorm, self.eps)
+            h, r = add_rms_norm(x, r, n1.weight, n1.eps)  # h = norm(x + r), r = x + r
+        x = self.self_attn(h, step, layer)
+        h, r = add_rms_norm(x, r, n2.weight, n2.eps)
         return self.mlp(h), r
 
 
@@ -117,43 +173,41 @@ class Llama(nn.Module):
         super().__init__()
         c = self.config = config
         kw = {"dtype": dtype, "device": device}
-        cos, sin = rope_tables(c.max_seq_len, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-        self.register_buffer("rope_cos", cos if device is None else cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin if device is None else sin.to(device), persistent=False)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, **kw)
-        rope = (self.rope_cos, self.rope_sin)
-        self.layers = nn.ModuleList(Block(c, rope, **kw) for _ in range(c.num_hidden_layers))
-        self.norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.rotary = Rotary(c.max_seq_len, c.head_dim, c.rope_theta, c.rope_scaling, device=device)
+        self.layers = nn.ModuleList(Block(c, self.rotary, **kw) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
-        if c.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _apply(self, fn, recurse=True):
-        # .to() / .float() / .double() replace the rope buffers: the blocks hold the new ones (fp32 tables stay fp32)
-        super()._apply(fn, recurse)
-        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
-        for blk in self.layers:
-            blk.self_attn.rope = (self.rope_cos, self.rope_sin)
-        return self
-
     def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> KVCache:
+        """A KV cache for up to max_seq_len tokens per row (in the model's dtype and device by default)."""
         c, w = self.config, self.embed_tokens.weight
         if max_seq_len > c.max_seq_len:
-            raise ValueError(f"new_cache: max_seq_len {max_seq_len} > the model's limit {c.max_seq_len}")
+            limit = f"{c.max_seq_len}{c.limit_note}"
+            raise ValueError(f"new_cache: max_seq_len {max_seq_len} > the model's limit ({limit})")
         return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
                        dtype or w.dtype, device or w.device)  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False):
-        """input_ids (B, S) -> logits (B, S, vocab) (last_only: (B, 1, vocab), the next-token logits)."""
-        positions = check_ids(self, input_ids, cache)
+        """input_ids (B, S) -> logits (B, S, vocab) (last_only: (B, 1, vocab), the next-token logits).
+
+        With a cache, row b's tokens take positions cache.seqlens[b] + 0..S-1; afterwards seqlens += S."""
+        c = self.config
+        step = plan(input_ids, cache, vocab_size=c.vocab_size, max_seq_len=c.max_seq_len,
+                    num_layers=c.num_hidden_layers, limit_note=c.limit_note)  # fmt: skip
         x, r = self.embed_tokens(input_ids), None  # (B, S, d)
         for i, blk in enumerate(self.layers):
-            x, r = blk(x, r, positions, i, cache)
+            x, r = blk(x, r, step, i)
         if cache is not None:
             cache.seqlens += input_ids.shape[1]
         if last_only:
             x, r = x[:, -1:], r[:, -1:]
-        h, _ = add_rms_norm(x, r, self.norm, self.config.rms_norm_eps)
+        h, _ = add_rms_norm(x, r, self.norm.weight, self.norm.eps)
         return project(self.lm_head, h)  # (B, S, vocab)
 
     def generate(self, input_ids, attention_mask=None, **kw):
@@ -167,29 +221,29 @@ class Llama(nn.Module):
         return generate_stream(self, input_ids, attention_mask, **kw)
 
 
-def check_ids(model, input_ids, cache) -> torch.Tensor:
-    """Validate the token ids (and the cache room); return the positions (B, S) long."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
-        got = f"{input_ids.dtype} {tuple(input_ids.shape)}"
-        raise ValueError(f"input_ids must be a 2-D int64/int32 tensor (B, S), got {got}")
-    B, S = input_ids.shape
-    if S == 0 or B == 0:
-        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
-    V = model.config.vocab_size
-    lo, hi = (int(t) for t in input_ids.aminmax())
-    if lo < 0 or hi >= V:
-        raise ValueError(f"input_ids must lie in [0, {V}) (the vocabulary), got values in [{lo}, {hi}]")
-    limit = model.config.max_seq_len
-    if cache is None:
-        if limit < S:
-            raise ValueError(f"input of {S} tokens is longer than the model's limit ({limit})")
-        return torch.arange(S, device=input_ids.device).expand(B, S)
-    if cache.batch_size != B:
-        raise ValueError(f"the cache holds {cache.batch_size} rows, input_ids has {B}")
-    start = cache.seqlens.to(torch.int64)
-    end = int(start.max()) + S
-    if end > cache.max_seq_len:
-        raise ValueError(f"the cache is full: {end} tokens > its max_seq_len ({cache.max_seq_len})")
-    return start[:, None] + torch.arange(S, device=input_ids.device)  # (B, S)
+def hf_layout(c: LlamaConfig) -> dict:
+    """Our state-dict key -> (its HF keys, split sizes, transpose): q/k/v are three HF tensors concatenated along
+    dim 0 into our qkv_proj (split back by the sizes on saving); nothing is transposed. A tied lm_head has none."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    out = {"embed_tokens.weight": (("model.embed_tokens.weight",), None, False),
+           "norm.weight": (("model.norm.weight",), None, False)}  # fmt: skip
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (("lm_head.weight",), None, False)
+    kinds = ["weight"] + (["bias"] if c.qkv_bias else [])
+    for i in range(c.num_hidden_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):  # fmt: skip
+            out[ours + name] = ((hf + name,), None, False)
+        for t in kinds:
+            qkv = tuple(f"{hf}self_attn.{p}_proj.{t}" for p in "qkv")
+            out[f"{ours}self_attn.qkv_proj.{t}"] = (qkv, (q, kv, kv), False)
+        if c.o_bias:
+            out[ours + "self_attn.o_proj.bias"] = ((hf + "self_attn.o_proj.bias",), None, False)
+        if c.mlp_bias:
+            for p in ("gate", "up", "down"):
+                out[f"{ours}mlp.{p}_proj.bias"] = ((f"{hf}mlp.{p}_proj.bias",), None, False)
+    return out
+
+
+HF_IGNORED = r"rotary_emb\.inv_freq$"  # (a buffer some versions saved; recomputed from the config)

@@ -17,6 +17,8 @@ class KVCache:
                         ("max_seq_len", max_seq_len), ("head_dim", head_dim)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {v!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"KVCache: dtype must be a floating torch.dtype (the model's), got {dtype!r}")
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -37,7 +39,12 @@ class KVCache:
         sl = slice(b, b + 1)
         return KVCache._view([k[sl] for k in self.k], [v[sl] for v in self.v], self.seqlens[sl], self.max_seq_len)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
     def reset(self) -> None:
+        """Empty every row (the buffers are kept; stale K/V past seqlens are never attended)."""
         self.seqlens.zero_()
 
     def __repr__(self) -> str:

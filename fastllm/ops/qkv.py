@@ -161,7 +161,8 @@ def _backward(ctx, dq, dk, dv):
 
 
 qkv_fwd = define_op(
-    "qkv_projection(Tensor x, Tensor weight, Tensor? bias, int num_heads, int num_kv_heads) -> (Tensor, Tensor, Tensor)",
+    "qkv_projection(Tensor x, Tensor weight, Tensor? bias, int num_heads, int num_kv_heads)"
+    " -> (Tensor, Tensor, Tensor)",
     validate=_check,
     reference=qkv_ref,
     fake=_fake,

@@ -38,13 +38,12 @@
 //   in a fixed order afterwards.
 #pragma once
 
-#include <omp.h>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace fastllm {
 
@@ -316,139 +315,136 @@ void attn_fwd_impl(const AttnFwd& a) {
   float* part = ws.shared;
   const Scales sc = scales_of(s);
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num();
+  parallel_for(ntasks, nt, [&](int64_t task, int t) {
     float *Qt, *St, *O, *Ob, *Qr, *Kc, *Vc, *m, *l, *mx, *mu, *lsum;
     carve(ws.thread_floats(t), Qt, D * Mp, St, BN * Mp, O, Mp * Dp, Ob, Mp * Dp, Qr, Mp * Dp, Kc, BN * Dp, Vc, BN * Dp,
           m, Mp, l, Mp, mx, Mp, mu, Mp, lsum, Mp);
     RowInfo* info = ws.thread_infos(t);
 
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) {
-      const int64_t sp = task % nsplit, grp = task / nsplit;
-      const int64_t rb = grp % nrb, bh = grp / nrb, hkv = bh % s.Hkv, b = bh / s.Hkv;
-      const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
-      int64_t Skb = s.Sk;
-      if (a.kv_len != nullptr) {
-        const int64_t L = a.kv_len[b];
-        Skb = L < 0 ? 0 : (L < s.Sk ? L : s.Sk);
-      }
-      int64_t kend, kmin;
-      row_info(s, b, hkv, r0, M, Skb, info, &kend, &kmin);
-      const int64_t k0 = sp * chunk, k1 = imin(k0 + chunk, kend);
+    const int64_t sp = task % nsplit, grp = task / nsplit;
+    const int64_t rb = grp % nrb, bh = grp / nrb, hkv = bh % s.Hkv, b = bh / s.Hkv;
+    const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
+    int64_t Skb = s.Sk;
+    if (a.kv_len != nullptr) {
+      const int64_t L = a.kv_len[b];
+      Skb = L < 0 ? 0 : (L < s.Sk ? L : s.Sk);
+    }
+    int64_t kend, kmin;
+    row_info(s, b, hkv, r0, M, Skb, info, &kend, &kmin);
+    const int64_t k0 = sp * chunk, k1 = imin(k0 + chunk, kend);
 
-      for (int64_t r = 0; r < Mp; ++r) {
-        m[r] = kNegInf;
-        l[r] = 0.f;
+    for (int64_t r = 0; r < Mp; ++r) {
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    std::memset(O, 0, sizeof(float) * Mp * Dp);
+    if (k1 > k0) {
+      // Qt = (c q)^T, zero columns past M
+      std::memset(Qt, 0, sizeof(float) * D * Mp);
+      for (int64_t r = 0; r < M; ++r) {
+        const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + info[r].h * s.qs[1] + info[r].i * s.qs[2];
+        for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = S::load(qr + d) * sc.qc;
       }
-      std::memset(O, 0, sizeof(float) * Mp * Dp);
-      if (k1 > k0) {
-        // Qt = (c q)^T, zero columns past M
-        std::memset(Qt, 0, sizeof(float) * D * Mp);
-        for (int64_t r = 0; r < M; ++r) {
-          const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + info[r].h * s.qs[1] + info[r].i * s.qs[2];
-          for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = S::load(qr + d) * sc.qc;
-        }
-        if (small) {
-          std::memset(St, 0, sizeof(float) * BN * Mp);  // columns past M stay 0 (qk_small skips them)
-          std::memset(Qr, 0, sizeof(float) * Mp * Dp);
-          for (int64_t r = 0; r < M; ++r)
-            for (int64_t d = 0; d < D; ++d) Qr[r * Dp + d] = Qt[d * Mp + r];
-        }
+      if (small) {
+        std::memset(St, 0, sizeof(float) * BN * Mp);  // columns past M stay 0 (qk_small skips them)
+        std::memset(Qr, 0, sizeof(float) * Mp * Dp);
+        for (int64_t r = 0; r < M; ++r)
+          for (int64_t d = 0; d < D; ++d) Qr[r * Dp + d] = Qt[d * Mp + r];
       }
-      for (int64_t kb = k0; kb < k1; kb += BN) {
-        const int64_t n = imin(BN, k1 - kb);
-        // Decode (one small row block against many keys) streams K and V from DRAM once: ask for the next
-        // block while this one is computed (the GEMMs walk K and V in column strips, which the hardware
-        // prefetcher follows poorly).
-        if (BM <= 8) {  // K is read row after row (the hardware prefetcher follows); V is not
-          if (kb == k0) prefetch_rows<S>(s.v, s.vs, b, hkv, kb, imin(BN, k1 - kb), D);
-          if (kb + BN < k1) prefetch_rows<S>(s.v, s.vs, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
-        }
-        int64_t ldk, ldv;
-        const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, small, Kc, &ldk);
-        for (int64_t r = 0; r < Mp; ++r) mx[r] = kNegInf;
-        if (small) {  // decode: dot-product scores (reads Dp columns of K: kv_rows pads when D % 8 != 0)
-          if (s.mask != nullptr || kb + n > kmin) {
-            Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, Ob);  // Ob: a throwaway max
-            apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
-            for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
-          } else {
-            Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, mx);
-          }
-        } else if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
-          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+    }
+    for (int64_t kb = k0; kb < k1; kb += BN) {
+      const int64_t n = imin(BN, k1 - kb);
+      // Decode (one small row block against many keys) streams K and V from DRAM once: ask for the next
+      // block while this one is computed (the GEMMs walk K and V in column strips, which the hardware
+      // prefetcher follows poorly).
+      if (BM <= 8) {  // K is read row after row (the hardware prefetcher follows); V is not
+        if (kb == k0) prefetch_rows<S>(s.v, s.vs, b, hkv, kb, imin(BN, k1 - kb), D);
+        if (kb + BN < k1) prefetch_rows<S>(s.v, s.vs, b, hkv, kb + BN, imin(BN, k1 - kb - BN), D);
+      }
+      int64_t ldk, ldv;
+      const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, small, Kc, &ldk);
+      for (int64_t r = 0; r < Mp; ++r) mx[r] = kNegInf;
+      if (small) {  // decode: dot-product scores (reads Dp columns of K: kv_rows pads when D % 8 != 0)
+        if (s.mask != nullptr || kb + n > kmin) {
+          Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, Ob);  // Ob: a throwaway max
           apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
           for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
         } else {
-          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false, mx);
+          Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, mx);
         }
-        for (int64_t r = 0; r < Mp; ++r) mx[r] = mx[r] == kNegInf ? kNegInf : mx[r] * sc.cb;  // log2 domain
-        // online softmax over this block, column-wise (one column per query row)
-        for (int64_t r = 0; r < Mp; ++r) {
-          const float mn = m[r] > mx[r] ? m[r] : mx[r];
-          const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - mn);
-          mu[r] = mn == kNegInf ? 0.f : mn;
-          m[r] = mn;
-          mx[r] = alpha;  // reuse mx for alpha
-        }
-        Ops::exp2_block(St, n, Mp, Mp, mu, sc.cb, nullptr, lsum);
-        for (int64_t r = 0; r < Mp; ++r) l[r] = l[r] * mx[r] + lsum[r];
-        // O = alpha O + P^T V, the block's product formed on its own first: O's rounding error then grows
-        // with the number of key blocks plus BN, not with Sk (a sequential sum over all keys)
-        const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, true, Vc, &ldv);
-        Ops::gemm(M, Dp, n, St, 1, Mp, Vb, ldv, Ob, Dp, false);
-        for (int64_t r = 0; r < M; ++r) Ops::axpby(O + r * Dp, Ob + r * Dp, Dp, mx[r]);
+      } else if (s.mask != nullptr || kb + n > kmin) {  // masked block: the max must come after the mask
+        Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+        apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
+        for (int64_t j = 0; j < n; ++j) Ops::vmax(mx, St + j * Mp, Mp);
+      } else {
+        Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false, mx);
       }
+      for (int64_t r = 0; r < Mp; ++r) mx[r] = mx[r] == kNegInf ? kNegInf : mx[r] * sc.cb;  // log2 domain
+      // online softmax over this block, column-wise (one column per query row)
+      for (int64_t r = 0; r < Mp; ++r) {
+        const float mn = m[r] > mx[r] ? m[r] : mx[r];
+        const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - mn);
+        mu[r] = mn == kNegInf ? 0.f : mn;
+        m[r] = mn;
+        mx[r] = alpha;  // reuse mx for alpha
+      }
+      Ops::exp2_block(St, n, Mp, Mp, mu, sc.cb, nullptr, lsum);
+      for (int64_t r = 0; r < Mp; ++r) l[r] = l[r] * mx[r] + lsum[r];
+      // O = alpha O + P^T V, the block's product formed on its own first: O's rounding error then grows
+      // with the number of key blocks plus BN, not with Sk (a sequential sum over all keys)
+      const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, true, Vc, &ldv);
+      Ops::gemm(M, Dp, n, St, 1, Mp, Vb, ldv, Ob, Dp, false);
+      for (int64_t r = 0; r < M; ++r) Ops::axpby(O + r * Dp, Ob + r * Dp, Dp, mx[r]);
+    }
 
-      if (nsplit > 1) {
-        float* po = part + task * (Mp * Dp + 2 * Mp);
-        std::memcpy(po, O, sizeof(float) * Mp * Dp);
-        std::memcpy(po + Mp * Dp, m, sizeof(float) * Mp);
-        std::memcpy(po + Mp * Dp + Mp, l, sizeof(float) * Mp);
-        continue;
-      }
+    if (nsplit > 1) {
+      float* po = part + task * (Mp * Dp + 2 * Mp);
+      std::memcpy(po, O, sizeof(float) * Mp * Dp);
+      std::memcpy(po + Mp * Dp, m, sizeof(float) * Mp);
+      std::memcpy(po + Mp * Dp + Mp, l, sizeof(float) * Mp);
+      return;
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
+      finish_row<Ops, S>(a, row, D, Dp, O + r * Dp, m[r], l[r]);
+    }
+  });
+
+  if (nsplit > 1) {  // merge the splits of each row block (once every task is done)
+    parallel_for(groups, nt, [&](int64_t grp, int t) {
+      float *Qt, *St, *O;
+      carve(ws.thread_floats(t), Qt, D * Mp, St, BN * Mp, O, Mp * Dp);
+      RowInfo* info = ws.thread_infos(t);
+      const int64_t rb = grp % nrb, bh = grp / nrb, hkv = bh % s.Hkv, b = bh / s.Hkv;
+      const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
+      int64_t kend, kmin;
+      row_info(s, b, hkv, r0, M, s.Sk, info, &kend, &kmin);
       for (int64_t r = 0; r < M; ++r) {
-        const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
-        finish_row<Ops, S>(a, row, D, Dp, O + r * Dp, m[r], l[r]);
-      }
-    }
-
-    if (nsplit > 1) {  // merge the splits of each row block (after the implicit barrier of omp for)
-#pragma omp for schedule(static)
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        const int64_t rb = grp % nrb, bh = grp / nrb, hkv = bh % s.Hkv, b = bh / s.Hkv;
-        const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
-        int64_t kend, kmin;
-        row_info(s, b, hkv, r0, M, s.Sk, info, &kend, &kmin);
-        for (int64_t r = 0; r < M; ++r) {
-          // A split whose l is NaN met a NaN / +inf score (finish_row): the row is NaN whatever the other
-          // splits hold, and its m may be anything (-inf included), so l, not m, is what is checked.
-          float mm = kNegInf;
-          bool nan = false;
-          for (int64_t sp = 0; sp < nsplit; ++sp) {
-            const float* ml = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp) + Mp * Dp;
-            mm = ml[r] > mm ? ml[r] : mm;
-            nan = nan || ml[Mp + r] != ml[Mp + r];
-          }
-          float ll = nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-          std::memset(O, 0, sizeof(float) * Dp);
-          if (!nan && mm != kNegInf) {
-            for (int64_t sp = 0; sp < nsplit; ++sp) {
-              const float* po = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp);
-              const float ms = po[Mp * Dp + r];
-              if (ms == kNegInf) continue;
-              const float w = std::exp2(ms - mm);
-              ll += po[Mp * Dp + Mp + r] * w;
-              Ops::axpy(O, po + r * Dp, Dp, w);
-            }
-          }
-          const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
-          finish_row<Ops, S>(a, row, D, Dp, O, mm, ll);
+        // A split whose l is NaN met a NaN / +inf score (finish_row): the row is NaN whatever the other
+        // splits hold, and its m may be anything (-inf included), so l, not m, is what is checked.
+        float mm = kNegInf;
+        bool nan = false;
+        for (int64_t sp = 0; sp < nsplit; ++sp) {
+          const float* ml = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp) + Mp * Dp;
+          mm = ml[r] > mm ? ml[r] : mm;
+          nan = nan || ml[Mp + r] != ml[Mp + r];
         }
+        float ll = nan ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+        std::memset(O, 0, sizeof(float) * Dp);
+        if (!nan && mm != kNegInf) {
+          for (int64_t sp = 0; sp < nsplit; ++sp) {
+            const float* po = part + (grp * nsplit + sp) * (Mp * Dp + 2 * Mp);
+            const float ms = po[Mp * Dp + r];
+            if (ms == kNegInf) continue;
+            const float w = std::exp2(ms - mm);
+            ll += po[Mp * Dp + Mp + r] * w;
+            Ops::axpy(O, po + r * Dp, Dp, w);
+          }
+        }
+        const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
+        finish_row<Ops, S>(a, row, D, Dp, O, mm, ll);
       }
-    }
+    });
   }
 }
 
@@ -481,103 +477,99 @@ void attn_bwd_impl(const AttnBwd& a) {  // its preamble of tiling sizes is attn_
   float* dq_part = ws.shared;
   const Scales sc = scales_of(s);
 
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num();
+  parallel_for(ntasks, nt, [&](int64_t task, int t) {
     float *Qt, *dOt, *Qr, *dOr, *dQr, *dQb, *St, *dPt, *Kc, *Vc, *Tb, *dKa, *dVa, *mrow, *linv, *delta;
     carve(ws.thread_floats(t), Qt, D * Mp, dOt, D * Mp, Qr, Mp * Dp, dOr, Mp * Dp, dQr, Mp * Dp, dQb, Mp * Dp, St,
           BN * Mp, dPt, BN * Mp, Kc, BN * Dp, Vc, BN * Dp, Tb, BN * Dp, dKa, chunk * Dp, dVa, chunk * Dp, mrow, Mp,
           linv, Mp, delta, Mp);
     RowInfo* info = ws.thread_infos(t);
 
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) {
-      const int64_t ch = task % nchunk, bh = task / nchunk, hkv = bh % s.Hkv, b = bh / s.Hkv;
-      const int64_t c0 = ch * chunk, c1 = imin(c0 + chunk, s.Sk);
-      std::memset(dKa, 0, sizeof(float) * (c1 - c0) * Dp);
-      std::memset(dVa, 0, sizeof(float) * (c1 - c0) * Dp);
-      for (int64_t rb = 0; rb < nrb; ++rb) {
-        const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
-        int64_t kend, kmin;
-        row_info(s, b, hkv, r0, M, s.Sk, info, &kend, &kmin);
-        const int64_t k1 = imin(c1, kend);
-        std::memset(dQr, 0, sizeof(float) * Mp * Dp);
-        if (k1 > c0) {
-          std::memset(Qt, 0, sizeof(float) * D * Mp);
-          std::memset(dOt, 0, sizeof(float) * D * Mp);
-          std::memset(Qr, 0, sizeof(float) * Mp * Dp);
-          std::memset(dOr, 0, sizeof(float) * Mp * Dp);
-          for (int64_t r = 0; r < Mp; ++r) {
-            mrow[r] = kInf;  // padding rows: P = exp2(St - inf) = 0
-            linv[r] = 1.f;
-            delta[r] = 0.f;
-          }
-          for (int64_t r = 0; r < M; ++r) {
-            const int64_t h = info[r].h, i = info[r].i;
-            const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + h * s.qs[1] + i * s.qs[2];
-            const T* dor = static_cast<const T*>(a.dout) + b * a.dos[0] + h * a.dos[1] + i * a.dos[2];
-            const T* orow = static_cast<const T*>(a.out) + b * a.os[0] + h * a.os[1] + i * a.os[2];
-            // delta = rowsum(dO * O) in double: dP - delta cancels where a row sees few keys, and an fp32 sum
-            // over D made dq miss 2x eager's error there (once per row: the cost is nil)
-            double dsum = 0.0;
-            for (int64_t d = 0; d < D; ++d) {
-              const float qv = S::load(qr + d) * sc.qc, dv = S::load(dor + d);
-              Qt[d * Mp + r] = qv;
-              Qr[r * Dp + d] = qv;
-              dOt[d * Mp + r] = dv;
-              dOr[r * Dp + d] = dv;
-              dsum += static_cast<double>(dv) * static_cast<double>(S::load(orow + d));
-            }
-            delta[r] = static_cast<float>(dsum);
-            const float* st = a.stats + 2 * ((b * s.Hq + h) * s.Sq + i);
-            mrow[r] = st[0];
-            linv[r] = 1.f / st[1];
-          }
-        }
-        for (int64_t kb = c0; kb < k1; kb += BN) {
-          const int64_t n = imin(BN, k1 - kb);
-          int64_t ldk, ldv;
-          const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, true, Kc, &ldk);
-          const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, false, Vc, &ldv);
-          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
-          if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
-          Ops::exp2_block(St, n, Mp, Mp, mrow, sc.cb, linv, nullptr);  // P^T
-          float* dKb = dKa + (kb - c0) * Dp;
-          float* dVb = dVa + (kb - c0) * Dp;
-          Ops::gemm(n, Dp, M, St, Mp, 1, dOr, Dp, Tb, Dp, false);  // dV += P^T dO
-          Ops::vadd(dVb, Tb, n * Dp);
-          Ops::gemm(n, Mp, D, Vb, ldv, 1, dOt, Mp, dPt, Mp, false);  // dP^T = V dO^T
-          for (int64_t j = 0; j < n; ++j) Ops::dsoftmax(dPt + j * Mp, St + j * Mp, delta, Mp);  // dS^T
-          Ops::gemm(n, Dp, M, dPt, Mp, 1, Qr, Dp, Tb, Dp, false);  // dK += dS^T (c Q)
-          Ops::vadd(dKb, Tb, n * Dp);
-          Ops::gemm(M, Dp, n, dPt, 1, Mp, Kb, ldk, dQb, Dp, false);  // dQ += dS K
-          Ops::vadd(dQr, dQb, M * Dp);
+    const int64_t ch = task % nchunk, bh = task / nchunk, hkv = bh % s.Hkv, b = bh / s.Hkv;
+    const int64_t c0 = ch * chunk, c1 = imin(c0 + chunk, s.Sk);
+    std::memset(dKa, 0, sizeof(float) * (c1 - c0) * Dp);
+    std::memset(dVa, 0, sizeof(float) * (c1 - c0) * Dp);
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      const int64_t r0 = rb * BM, M = (R - r0) < BM ? (R - r0) : BM;
+      int64_t kend, kmin;
+      row_info(s, b, hkv, r0, M, s.Sk, info, &kend, &kmin);
+      const int64_t k1 = imin(c1, kend);
+      std::memset(dQr, 0, sizeof(float) * Mp * Dp);
+      if (k1 > c0) {
+        std::memset(Qt, 0, sizeof(float) * D * Mp);
+        std::memset(dOt, 0, sizeof(float) * D * Mp);
+        std::memset(Qr, 0, sizeof(float) * Mp * Dp);
+        std::memset(dOr, 0, sizeof(float) * Mp * Dp);
+        for (int64_t r = 0; r < Mp; ++r) {
+          mrow[r] = kInf;  // padding rows: P = exp2(St - inf) = 0
+          linv[r] = 1.f;
+          delta[r] = 0.f;
         }
         for (int64_t r = 0; r < M; ++r) {
-          const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
-          Ops::scale(dQr + r * Dp, Dp, s.scale);
-          if (nchunk > 1)
-            std::memcpy(dq_part + (ch * qrows + row) * Dp, dQr + r * Dp, sizeof(float) * Dp);
-          else
-            Ops::template store_row<S>(static_cast<T*>(a.dq) + row * D, dQr + r * Dp, D);
+          const int64_t h = info[r].h, i = info[r].i;
+          const T* qr = static_cast<const T*>(s.q) + b * s.qs[0] + h * s.qs[1] + i * s.qs[2];
+          const T* dor = static_cast<const T*>(a.dout) + b * a.dos[0] + h * a.dos[1] + i * a.dos[2];
+          const T* orow = static_cast<const T*>(a.out) + b * a.os[0] + h * a.os[1] + i * a.os[2];
+          // delta = rowsum(dO * O) in double: dP - delta cancels where a row sees few keys, and an fp32 sum
+          // over D made dq miss 2x eager's error there (once per row: the cost is nil)
+          double dsum = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            const float qv = S::load(qr + d) * sc.qc, dv = S::load(dor + d);
+            Qt[d * Mp + r] = qv;
+            Qr[r * Dp + d] = qv;
+            dOt[d * Mp + r] = dv;
+            dOr[r * Dp + d] = dv;
+            dsum += static_cast<double>(dv) * static_cast<double>(S::load(orow + d));
+          }
+          delta[r] = static_cast<float>(dsum);
+          const float* st = a.stats + 2 * ((b * s.Hq + h) * s.Sq + i);
+          mrow[r] = st[0];
+          linv[r] = 1.f / st[1];
         }
       }
-      for (int64_t j = c0; j < c1; ++j) {
-        const int64_t row = (b * s.Hkv + hkv) * s.Sk + j;
-        Ops::scale(dKa + (j - c0) * Dp, Dp, sc.dk);
-        Ops::template store_row<S>(static_cast<T*>(a.dk) + row * D, dKa + (j - c0) * Dp, D);
-        Ops::template store_row<S>(static_cast<T*>(a.dv) + row * D, dVa + (j - c0) * Dp, D);
+      for (int64_t kb = c0; kb < k1; kb += BN) {
+        const int64_t n = imin(BN, k1 - kb);
+        int64_t ldk, ldv;
+        const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, true, Kc, &ldk);
+        const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, false, Vc, &ldv);
+        Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+        if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
+        Ops::exp2_block(St, n, Mp, Mp, mrow, sc.cb, linv, nullptr);  // P^T
+        float* dKb = dKa + (kb - c0) * Dp;
+        float* dVb = dVa + (kb - c0) * Dp;
+        Ops::gemm(n, Dp, M, St, Mp, 1, dOr, Dp, Tb, Dp, false);  // dV += P^T dO
+        Ops::vadd(dVb, Tb, n * Dp);
+        Ops::gemm(n, Mp, D, Vb, ldv, 1, dOt, Mp, dPt, Mp, false);  // dP^T = V dO^T
+        for (int64_t j = 0; j < n; ++j) Ops::dsoftmax(dPt + j * Mp, St + j * Mp, delta, Mp);  // dS^T
+        Ops::gemm(n, Dp, M, dPt, Mp, 1, Qr, Dp, Tb, Dp, false);  // dK += dS^T (c Q)
+        Ops::vadd(dKb, Tb, n * Dp);
+        Ops::gemm(M, Dp, n, dPt, 1, Mp, Kb, ldk, dQb, Dp, false);  // dQ += dS K
+        Ops::vadd(dQr, dQb, M * Dp);
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t row = (b * s.Hq + info[r].h) * s.Sq + info[r].i;
+        Ops::scale(dQr + r * Dp, Dp, s.scale);
+        if (nchunk > 1)
+          std::memcpy(dq_part + (ch * qrows + row) * Dp, dQr + r * Dp, sizeof(float) * Dp);
+        else
+          Ops::template store_row<S>(static_cast<T*>(a.dq) + row * D, dQr + r * Dp, D);
       }
     }
+    for (int64_t j = c0; j < c1; ++j) {
+      const int64_t row = (b * s.Hkv + hkv) * s.Sk + j;
+      Ops::scale(dKa + (j - c0) * Dp, Dp, sc.dk);
+      Ops::template store_row<S>(static_cast<T*>(a.dk) + row * D, dKa + (j - c0) * Dp, D);
+      Ops::template store_row<S>(static_cast<T*>(a.dv) + row * D, dVa + (j - c0) * Dp, D);
+    }
+  });
 
-    if (nchunk > 1) {
-#pragma omp for schedule(static)
-      for (int64_t row = 0; row < qrows; ++row) {
+  if (nchunk > 1) {  // dq: the chunks' partials summed in chunk order
+    parallel_chunks(qrows, nt, 4, [&](int64_t row0, int64_t row1, int) {
+      for (int64_t row = row0; row < row1; ++row) {
         float* acc = dq_part + row * Dp;
         for (int64_t ch = 1; ch < nchunk; ++ch) Ops::axpy(acc, dq_part + (ch * qrows + row) * Dp, Dp, 1.f);
         Ops::template store_row<S>(static_cast<T*>(a.dq) + row * D, acc, D);
       }
-    }
+    });
   }
 }
 

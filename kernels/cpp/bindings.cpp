@@ -1,6 +1,7 @@
 // pybind11 module fastllm._C. No torch headers anywhere in kernels/cpp: Python validates tensors and
 // passes raw data pointers (as integers), sizes and strides, so this binary works with any torch version.
 // Every kernel call releases the GIL. Thread counts come from Python (torch.get_num_threads()).
+#include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +13,7 @@
 #include "gemm.h"
 #include "layer_norm.h"
 #include "int8.h"
+#include "rope.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -224,6 +226,25 @@ PYBIND11_MODULE(_C, m) {
       "C = A B with a fused epilogue (gemm.h); B packed by pack_b.");
 
   m.def(
+      "gemm_heads",
+      [](int64_t M, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dt, uintptr_t b, int b_dt, int b_layout,
+         uintptr_t bias, uintptr_t q, uintptr_t k, uintptr_t v, int64_t S, int64_t D, int64_t Hq, int64_t Hkv, int c_dt,
+         int nthreads) {
+        Gemm g{};
+        g.M = M, g.N = (Hq + 2 * Hkv) * D, g.K = K, g.a = ptr<const void>(a), g.a_rs = a_rs, g.a_cs = a_cs;
+        g.a_dt = a_dt, g.b = ptr<const void>(b), g.b_dt = b_dt, g.b_layout = b_layout, g.mode = kEpiPlain;
+        g.act = kActNone, g.c = ptr<void>(q), g.bias = ptr<const void>(bias), g.c_dt = c_dt, g.nthreads = nthreads;
+        g.heads_S = S, g.heads_D = D, g.heads_Hq = Hq, g.heads_Hkv = Hkv, g.c_k = ptr<void>(k), g.c_v = ptr<void>(v);
+        gemm(g);
+      },
+      py::arg("M"), py::arg("K"), py::arg("a"), py::arg("a_rs"), py::arg("a_cs"), py::arg("a_dt"), py::arg("b"),
+      py::arg("b_dt"), py::arg("b_layout"), py::arg("bias"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("S"),
+      py::arg("D"), py::arg("Hq"), py::arg("Hkv"), py::arg("c_dt"), py::arg("nthreads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "q, k, v = the heads of A B + bias in the attention layout (B, H, S, D) (gemm.h, Gemm::heads_S): the QKV "
+      "projection with B the packed concatenated weight; M = batch * S rows of A.");
+
+  m.def(
       "quantize_rows",
       [](uintptr_t q, uintptr_t scale, uintptr_t x, int64_t M, int64_t K, int64_t x_stride, int dtype, int nthreads) {
         Quant a{ptr<int8_t>(q), ptr<float>(scale), ptr<const void>(x), M, K, x_stride, dtype, nthreads};
@@ -232,6 +253,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("scale"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("x_stride"), py::arg("dtype"),
       py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "Per-row symmetric int8 quantization: q (M x K int8), scale (M fp32) = amax / 127 (1 for zero rows).");
+
+  m.def(
+      "rope_fwd",
+      [](uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos, uintptr_t sin, uintptr_t pos,
+         int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t R, int64_t P, int64_t q_sb, int64_t q_sh,
+         int64_t q_ss, int64_t k_sb, int64_t k_sh, int64_t k_ss, int64_t pos_sb, int64_t pos_ss, int64_t cs_stride,
+         bool pos64, bool inverse, int dtype, int nthreads) {
+        RopeFwd a{ptr<void>(q_out), ptr<void>(k_out), ptr<const void>(q), ptr<const void>(k), ptr<const float>(cos),
+                  ptr<const float>(sin), ptr<const void>(pos), B, Hq, Hkv, S, D, R, P, {q_sb, q_sh, q_ss},
+                  {k_sb, k_sh, k_ss}, {pos_sb, pos_ss}, cs_stride, pos64, inverse, dtype, nthreads};
+        rope_fwd(a);
+      },
+      py::arg("q_out"), py::arg("k_out"), py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("pos"),
+      py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"), py::arg("R"), py::arg("P"),
+      py::arg("q_sb"), py::arg("q_sh"), py::arg("q_ss"), py::arg("k_sb"), py::arg("k_sh"), py::arg("k_ss"),
+      py::arg("pos_sb"), py::arg("pos_ss"), py::arg("cs_stride"), py::arg("pos64"), py::arg("inverse"),
+      py::arg("dtype"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
+      "RoPE of q and k (rope.h): outputs contiguous; inputs strided (b, h, s) with unit stride along D.");
 
   m.def(
       "copy_bytes",

@@ -78,8 +78,9 @@ struct I8s {  // int8 storage, for pack_panel's column pointers (load is unused 
 template <class S>
 void pack_all(const PackB& pb) {
   const int64_t panels = num_panels(pb.N, pb.src2 != nullptr);
-#pragma omp parallel for schedule(static) num_threads(pb.nthreads < 1 ? 1 : pb.nthreads)
-  for (int64_t p = 0; p < panels; ++p) pack_panel<S>(pb, p);
+  parallel_chunks(panels, pb.nthreads, 4, [&](int64_t p0, int64_t p1, int) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel<S>(pb, p);
+  });
 }
 
 // The portable epilogue: scalar, per row and column.
@@ -87,6 +88,7 @@ struct ScalarEpilogue {
   static void epilogue(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
     const int64_t w = panel_out_cols(g, p);
     with_float_dtype(g.c_dt, [&](auto s) {
+      if (g.heads_S > 0) return epilogue_heads<decltype(s), HeadsRunScalar>(g, tile, ldt, m, rows, p);
       for (int r = 0; r < rows; ++r) epilogue_cols_scalar<decltype(s)>(g, tile + r * ldt, m + r, p, 0, w);
     });
   }
@@ -174,6 +176,11 @@ void gemm(const Gemm& g) {
       (g.mode == kEpiDgated && (g.aux == nullptr || g.aux2 == nullptr || g.c2 == nullptr)) ||
       (g.mode == kEpiGated && (g.pre == nullptr) != (g.pre2 == nullptr)))
     throw std::invalid_argument("gemm: inconsistent epilogue arguments");
+  if (g.heads_S < 0 || (g.heads_S > 0 && (g.mode != kEpiPlain || g.act != kActNone || g.res || g.pre ||
+                                          g.c_k == nullptr || g.c_v == nullptr || g.heads_D < 1 || g.heads_Hq < 1 ||
+                                          g.heads_Hkv < 1 || g.N != (g.heads_Hq + 2 * g.heads_Hkv) * g.heads_D ||
+                                          g.M % g.heads_S != 0)))
+    throw std::invalid_argument("gemm: bad heads-store arguments");
   if (g.M == 0 || g.N == 0) return;
   const Isa isa = active_isa();
   if (w8a8) {

@@ -16,7 +16,7 @@
 //   kMC, kKC    cache blocking: a task packs kMC x kc of A (L2) and streams the B panels (kc x 16, L1);
 //               sums over K run in registers for kc <= kKC steps, then add into a per-task fp32 buffer
 //               (blocked summation: error grows with kKC, not K)
-//   task        (row block of <= kMC rows, range of B panels); OpenMP dynamic over tasks
+//   task        (row block of <= kMC rows, range of B panels), claimed one at a time by the threads (parallel.h)
 //
 // Epilogue (applied to each finished 6x16 tile while it is in L1; acc = the fp32 sum):
 //   plain    pre = acc + bias;  out = act(pre) + residual;  pre saved if asked
@@ -31,11 +31,8 @@
 
 #include <cmath>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "common.h"
+#include "parallel.h"
 
 namespace fastllm {
 
@@ -117,6 +114,13 @@ struct Gemm {
   const float* b_scale;     // int8, scale: per column
   const int32_t* b_colsum;  // int8 with kLayoutI8Quads: per column
   int nthreads;
+  // Heads store (fastllm.qkv_projection), when heads_S > 0: the plain epilogue (bias only: no activation,
+  // residual or pre) writes output (m, n) into the attention layout instead of c[m * ldc + n]. Row m = (b, s) =
+  // (m / S, m % S), column n = (head j, d) = (n / D, n % D); heads j < Hq go to c (q: B x Hq x S x D), the next Hkv
+  // to c_k and the last Hkv to c_v (k, v: B x Hkv x S x D), each contiguous; N = (Hq + 2 Hkv) D, ldc unused.
+  int64_t heads_S = 0, heads_D = 0, heads_Hq = 0, heads_Hkv = 0;
+  void* c_k = nullptr;
+  void* c_v = nullptr;
 };
 
 void pack_b(const PackB& p);
@@ -236,6 +240,49 @@ static inline int64_t panel_out_cols(const Gemm& g, int64_t p) {
   const int64_t w = g.mode == kEpiGated ? 8 : kNR;
   return imin(w, g.N - p * w);
 }
+
+// The heads store (Gemm::heads_S) of rows [m, m + rows) of panel p: out = acc + bias, rounded once. The panel's
+// columns go in runs that stay inside one head (contiguous in q, k or v); Run::run<S>(dst, acc, bias, len) stores
+// one run of one row (bias: at the run's first column, or null). Two divisions per row and run: a 16-column panel
+// is one run when D % 16 == 0, at most ceil(16 / D) + 1 otherwise.
+template <class S, class Run>
+static inline void epilogue_heads(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+  using T = typename S::T;
+  const int64_t Sq = g.heads_S, D = g.heads_D, Hq = g.heads_Hq, Hkv = g.heads_Hkv;
+  const int64_t n0 = p * kNR, w = panel_out_cols(g, p);
+  for (int64_t j = 0; j < w;) {
+    const int64_t n = n0 + j, head = n / D, d = n - head * D, len = imin(w - j, D - d);
+    void* out = g.c;  // q, k or v, and the head's index h there among H heads
+    int64_t h = head, H = Hq;
+    if (head >= Hq + Hkv)
+      out = g.c_v, h = head - Hq - Hkv, H = Hkv;
+    else if (head >= Hq)
+      out = g.c_k, h = head - Hq, H = Hkv;
+    T* col = static_cast<T*>(out) + h * Sq * D + d;  // (b, h, s, d) at ((b H + h) S + s) D + d
+    const T* bias = g.bias ? static_cast<const T*>(g.bias) + n : nullptr;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t b = (m + r) / Sq, s = m + r - b * Sq;
+      Run::template run<S>(col + (b * H * Sq + s) * D, tile + r * ldt + j, bias, len);
+    }
+    j += len;
+  }
+}
+
+namespace {  // internal linkage (common.h): the ISA TUs instantiate their own copies
+
+// The portable Run of epilogue_heads (and the AVX2 one's tail): per element, as the plain epilogue.
+struct HeadsRunScalar {
+  template <class S>
+  static void run(typename S::T* dst, const float* acc, const typename S::T* bias, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) {
+      float v = acc[i];
+      if (bias) v += S::load(bias + i);
+      dst[i] = S::from(v);
+    }
+  }
+};
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
 // The blocked driver, shared by every ISA path. Ops provides:
@@ -391,8 +438,11 @@ void gemm_impl(const Gemm& g) {
   int64_t mblocks = (M + kMC - 1) / kMC;
   const int64_t mc = ((M + mblocks - 1) / mblocks + kMR - 1) / kMR * kMR;  // balanced, whole micro-tiles
   mblocks = (M + mc - 1) / mc;
-  // split the columns too when there are few row blocks (decode), and to bound the per-task buffer
-  int64_t nsplit = imax(1, imin(panels, (4 * nt + mblocks - 1) / mblocks));
+  // split the columns too when there are few row blocks (decode), and to bound the per-task buffer: about 4 tasks
+  // per thread, 8 for a few rows (decode: the per-task A packing is nil), so that claiming tasks balances a late
+  // thread (parallel.h). Each output element's sums do not depend on the split: results do not depend on nt.
+  const int64_t per_thread_tasks = M <= 2 * kMR ? 8 : 4;
+  int64_t nsplit = imax(1, imin(panels, (per_thread_tasks * nt + mblocks - 1) / mblocks));
   nsplit = imax(nsplit, (panels + kMaxPanelsPerTask - 1) / kMaxPanelsPerTask);
   const int64_t ppt = (panels + nsplit - 1) / nsplit;
   nsplit = (panels + ppt - 1) / ppt;
@@ -405,40 +455,31 @@ void gemm_impl(const Gemm& g) {
   const int64_t ntasks = mblocks * nsplit;
   const int64_t bsz = packed_elem_bytes(g.b_dt, g.b_layout);
 
-#pragma omp parallel num_threads(nt)
-  {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    float* apack = scratch + tid * per_thread;
+  parallel_for(ntasks, nt, [&](int64_t t, int slot) {
+    float* apack = scratch + slot * per_thread;
     float* cbuf = apack + mcp * kcmax;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntasks; ++t) {
-      const int64_t mb = t / nsplit, ns = t % nsplit;
-      const int64_t m0 = mb * mc, mr = imin(mc, M - m0);
-      const int64_t p0 = ns * ppt, p1 = imin(panels, p0 + ppt);
-      for (int64_t kb = 0; kb < kblocks; ++kb) {
-        const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
-        const bool last = kb + 1 == kblocks;
-        Ops::pack_a(g, m0, mr, k0, kc, apack);
-        const int64_t kp = panel_k(K, g.b_layout);  // k rows per packed panel
-        const int64_t a_panel = Ops::a_words(kc);    // 32-bit words per packed A row (fp32: kc; pairs: kc/2 ...)
-        for (int64_t p = p0; p < p1; p += Ops::kPanels) {
-          const char* bp = static_cast<const char*>(g.b) + (p * kp + k0) * kNR * bsz;
-          const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)
-          float* ct = cbuf + (p - p0) * kNR;
-          for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
-            const int rows = static_cast<int>(imin(kMR, mr - r0));
-            Ops::ukr(rows, np, kc, apack + r0 * a_panel, bp, kp * kNR * bsz, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
-            if (last)
-              for (int q = 0; q < np; ++q) Ops::epilogue(g, ct + r0 * ldt + q * kNR, ldt, m0 + r0, rows, p + q);
-          }
+    const int64_t mb = t / nsplit, ns = t % nsplit;
+    const int64_t m0 = mb * mc, mr = imin(mc, M - m0);
+    const int64_t p0 = ns * ppt, p1 = imin(panels, p0 + ppt);
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t k0 = kb * kcmax, kc = imax(0, imin(kcmax, K - k0));
+      const bool last = kb + 1 == kblocks;
+      Ops::pack_a(g, m0, mr, k0, kc, apack);
+      const int64_t kp = panel_k(K, g.b_layout);  // k rows per packed panel
+      const int64_t a_panel = Ops::a_words(kc);    // 32-bit words per packed A row (fp32: kc; pairs: kc/2 ...)
+      for (int64_t p = p0; p < p1; p += Ops::kPanels) {
+        const char* bp = static_cast<const char*>(g.b) + (p * kp + k0) * kNR * bsz;
+        const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)
+        float* ct = cbuf + (p - p0) * kNR;
+        for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
+          const int rows = static_cast<int>(imin(kMR, mr - r0));
+          Ops::ukr(rows, np, kc, apack + r0 * a_panel, bp, kp * kNR * bsz, g.b_dt, ct + r0 * ldt, ldt, kb > 0);
+          if (last)
+            for (int q = 0; q < np; ++q) Ops::epilogue(g, ct + r0 * ldt + q * kNR, ldt, m0 + r0, rows, p + q);
         }
       }
     }
-  }
+  });
   std::free(scratch);
 }
 

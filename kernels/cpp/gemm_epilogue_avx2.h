@@ -167,8 +167,23 @@ inline void epi8(const Gemm& g, const float* acc, int64_t m, int64_t n) {
   }
 }
 
+// The vectorized Run of the heads store (epilogue_heads, gemm.h): 8 columns at a time, the tail per element.
+struct HeadsRunVec {
+  template <class S>
+  static void run(typename S::T* dst, const float* acc, const typename S::T* bias, int64_t len) {
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 v = _mm256_loadu_ps(acc + i);
+      if (bias) v = _mm256_add_ps(v, load8<S>(bias + i));
+      store8<S>(dst + i, v);
+    }
+    HeadsRunScalar::run<S>(dst + i, acc + i, bias ? bias + i : nullptr, len - i);
+  }
+};
+
 template <class S>
 inline void epilogue_t(const Gemm& g, const float* tile, int64_t ldt, int64_t m, int rows, int64_t p) {
+  if (g.heads_S > 0) return epilogue_heads<S, HeadsRunVec>(g, tile, ldt, m, rows, p);
   const int64_t w = panel_out_cols(g, p);
   const int64_t n0 = p * (g.mode == kEpiGated ? 8 : kNR);
   for (int r = 0; r < rows; ++r) {

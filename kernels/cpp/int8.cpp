@@ -22,8 +22,7 @@ void rows_scalar(const Quant& a, int64_t r0, int64_t r1) {
 
 template <class S>
 void run_scalar(const Quant& a) {
-#pragma omp parallel for schedule(static) num_threads(a.nthreads < 1 ? 1 : a.nthreads)
-  for (int64_t i = 0; i < a.M; ++i) rows_scalar<S>(a, i, i + 1);
+  parallel_chunks(a.M, a.nthreads, 4, [&](int64_t r0, int64_t r1, int) { rows_scalar<S>(a, r0, r1); });
 }
 
 }  // namespace

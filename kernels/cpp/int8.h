@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace fastllm {
 

@@ -1,4 +1,4 @@
-// Fused (add +) LayerNorm / RMSNorm on the CPU: argument blocks and the OpenMP drivers shared by the
+// Fused (add +) LayerNorm / RMSNorm on the CPU: argument blocks and the parallel drivers shared by the
 // portable (layer_norm.cpp) and AVX2 (layer_norm_avx2.cpp) row kernels.
 //
 // Glossary: M rows (all leading dims flattened), N hidden size, T storage type (fp32 / bf16 / fp16),
@@ -6,11 +6,10 @@
 // Statistics and all arithmetic are fp32; each output is rounded once into T.
 #pragma once
 
-#include <omp.h>
-
 #include <cmath>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace fastllm {
 
@@ -81,23 +80,19 @@ inline void fold_partials(float* inner, float* outer, int64_t n) {
   }
 }
 
-// Rows are split into one contiguous range per thread (static, so results do not depend on timing).
+// Rows are independent: contiguous ranges, a few per thread (claimed, parallel.h), each thread's scratch by slot.
 template <class Rows>
 void run_norm_fwd(const NormFwd& a) {
   const int nt = static_cast<int>(a.M < a.nthreads ? a.M : a.nthreads);
   const int64_t per = fwd_scratch(a.N);
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    Rows::fwd(a, a.M * t / T, a.M * (t + 1) / T, scratch + t * per);
-  }
+  parallel_chunks(a.M, nt, 4, [&](int64_t r0, int64_t r1, int slot) { Rows::fwd(a, r0, r1, scratch + slot * per); });
   std::free(scratch);
 }
 
-// Backward: rows split as in forward; each thread accumulates dw/db partial sums over its rows in its own
-// fp32 vectors, then the partials are summed over threads in a fixed order (deterministic for a given
-// thread count) and rounded into T.
+// Backward: rows split into nt contiguous ranges (one task each, whichever thread runs it); each range accumulates
+// dw/db partial sums over its rows in its own fp32 vectors (scratch by task), then the partials are summed over
+// the ranges in a fixed order (deterministic for a given thread count) and rounded into T.
 template <class Rows, class S>
 void run_norm_bwd(const NormBwd& a) {
   using T = typename S::T;
@@ -106,25 +101,22 @@ void run_norm_bwd(const NormBwd& a) {
   const int64_t per = 7 * Np;  // bwd_parts
   float* scratch = alloc_floats(static_cast<size_t>(nt) * per);
   std::memset(scratch, 0, sizeof(float) * static_cast<size_t>(nt) * per);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
-    Rows::bwd(a, a.M * t / T_, a.M * (t + 1) / T_, scratch + t * per);
-  }
+  parallel_for(nt, nt, [&](int64_t t, int) { Rows::bwd(a, a.M * t / nt, a.M * (t + 1) / nt, scratch + t * per); });
   if (a.dw != nullptr || a.db != nullptr) {
     T* dw = static_cast<T*>(a.dw);
     T* db = static_cast<T*>(a.db);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && a.N >= 4096)
-    for (int64_t j = 0; j < a.N; ++j) {
-      float sw = 0.f, sb = 0.f;
-      for (int t = 0; t < nt; ++t) {
-        const BwdScratch part = bwd_parts(scratch + t * per, Np);
-        sw += part.dw_sum[j];
-        sb += part.db_sum[j];
+    parallel_chunks(a.N, a.N >= 4096 ? nt : 1, 4, [&](int64_t j0, int64_t j1, int) {
+      for (int64_t j = j0; j < j1; ++j) {
+        float sw = 0.f, sb = 0.f;
+        for (int t = 0; t < nt; ++t) {
+          const BwdScratch part = bwd_parts(scratch + t * per, Np);
+          sw += part.dw_sum[j];
+          sb += part.db_sum[j];
+        }
+        if (dw != nullptr) dw[j] = S::from(sw);
+        if (db != nullptr) db[j] = S::from(sb);
       }
-      if (dw != nullptr) dw[j] = S::from(sw);
-      if (db != nullptr) db[j] = S::from(sb);
-    }
+    });
   }
   std::free(scratch);
 }
