@@ -18,17 +18,17 @@ After quantize_, qkv_proj / o_proj / the MLP linears are fastllm.nn.Int8Linear m
 submodules (q/k/v split by a view of the projection's output) instead of the fused float ops.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from fastllm import ops as _ops
 from fastllm.nn.gemm import FusedFFN, FusedGatedFFN
 from fastllm.nn.kv_cache import KVCache
 from fastllm.ops.attention import decode_attention, flash_attention
 from fastllm.ops.gemm import act_ref, fused_ffn, fused_gated_ffn, linear
+from fastllm.ops.qkv import qkv_projection
+from fastllm.ops.rope import rope_tables, rotary_embedding
 
 DECODE_MAX_NEW = 16  # decode_attention takes up to this many new tokens per row
 
@@ -45,57 +45,6 @@ def hf_activation(owner: str, key: str, name) -> str:
     return HF_ACTIVATIONS[name]
 
 
-# --------------------------------------------------------------------------------------------------
-# PyTorch fallbacks of fastllm.rotary_embedding / fastllm.qkv_projection / rope_tables (same signatures), used
-# while the fused ops are not in fastllm.ops. (fastllm.ops, not fastllm: this module is imported while
-# fastllm/__init__.py runs, before its names are bound.)
-
-
-def _rope_tables_fallback(max_positions: int, rotary_dim: int, theta: float = 10000.0, scaling=None):
-    """cos, sin (max_positions, rotary_dim / 2) float32, computed in float64 and rounded once."""
-    inv = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "llama3":
-        # Llama 3.1: wavelengths longer than old_len / low_freq_factor are divided by `factor`, shorter than
-        # old_len / high_freq_factor kept, smoothly interpolated in between
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        smooth = (old_len / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
-        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    angle = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv[None, :]
-    return angle.cos().float(), angle.sin().float()
-
-
-def _rotary_embedding_fallback(q, k, cos, sin, positions):
-    def rot(x):
-        half = cos.shape[1]
-        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, S, R/2) fp32
-        xf = x.float() if x.dtype != torch.float64 else x
-        x1, x2 = xf[..., :half], xf[..., half : 2 * half]
-        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
-        return torch.cat([out, x[..., 2 * half :]], dim=-1).contiguous()
-
-    if int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]:
-        raise ValueError(f"rotary_embedding: positions must lie in [0, {cos.shape[0]})")
-    positions = positions.long().expand(q.shape[0], q.shape[2])
-    return rot(q), rot(k)
-
-
-def _qkv_projection_fallback(x, weight, bias=None, *, num_heads: int, num_kv_heads: int):
-    B, S, _ = x.shape
-    D = weight.shape[0] // (num_heads + 2 * num_kv_heads)
-    qkv = linear(x, weight, bias).view(B, S, num_heads + 2 * num_kv_heads, D).transpose(1, 2)
-    return tuple(t.contiguous() for t in qkv.split((num_heads, num_kv_heads, num_kv_heads), dim=1))
-
-
-rotary_embedding = getattr(_ops, "rotary_embedding", _rotary_embedding_fallback)
-qkv_projection = getattr(_ops, "qkv_projection", _qkv_projection_fallback)
-try:
-    from fastllm.ops.rope import rope_tables
-except ImportError:
-    rope_tables = _rope_tables_fallback
 
 
 # --------------------------------------------------------------------------------------------------
