@@ -45,8 +45,6 @@ def hf_activation(owner: str, key: str, name) -> str:
     return HF_ACTIVATIONS[name]
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 
 
