@@ -43,7 +43,9 @@ def qkv_ref(x, w, b, num_heads: int, num_kv_heads: int):
     D = _head_dim(w, num_heads, num_kv_heads)
     y = F.linear(x, w, b)  # (B, S, N)
     parts = y.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
-    return tuple(t.view(B, S, -1, D).transpose(1, 2).clone(memory_format=torch.contiguous_format) for t in parts)
+    heads = (num_heads, num_kv_heads, num_kv_heads)  # (explicit: -1 is ambiguous when S == 0)
+    return tuple(t.view(B, S, h, D).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+                 for t, h in zip(parts, heads, strict=True))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
