@@ -8,11 +8,11 @@
 // sees the job closed and leaves without reading anything of it. A late worker therefore never delays the caller
 // beyond the tasks it has claimed, and never touches a finished job (whose fn and ctx live on the caller's stack).
 //
-// Waiting: spin kSpin with pause, then sleep on a condition variable (the build is C++17: no std::atomic::wait);
-// the waker skips the mutex and the syscall when no one sleeps (a sleeper registers before its last check:
-// Dekker again). Workers are detached and the pool is never destroyed: at interpreter exit the threads sleep or
-// spin on memory that stays valid, nothing joins or frees anything. fork(): only the forking thread exists in the
-// child, so the child drops (leaks) the pool and builds a new one on its next call (pthread_atfork).
+// Waiting: spin kSpin with pause (and yield), then sleep on a condition variable (the build is C++17: no
+// std::atomic::wait); the waker skips the mutex and the syscall when no one sleeps (a sleeper registers before its
+// last check: Dekker again). Workers are detached and the pool is never destroyed: at interpreter exit the threads
+// sleep or spin on memory that stays valid, nothing joins or frees anything. fork(): only the forking thread exists
+// in the child, so the child drops (leaks) the pool and builds a new one on its next call (pthread_atfork).
 #include "parallel.h"
 
 #include <atomic>
@@ -45,13 +45,18 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until ready() or kSpin has passed; returns ready().
+// Spins until ready() or kSpin has passed; returns ready(). Every 16 pauses it also yields: on an idle core that is
+// a cheap system call, but where the spinner shares its core with a runnable thread (the other cores busy: the
+// caller itself, or another process) that thread runs instead of waiting for the spinner's time slice to end.
+// Measured (1x576x1536 fp32 GEMM in 16 tasks, another process on the other core): 2-thread calls took 105-128 us
+// against 140-159 us on 1 thread with the yield, 132-176 us against 161-164 us without.
 template <class P>
 bool spin_until(P ready) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 1;; ++i) {
     if (ready()) return true;
     cpu_relax();
+    if (i % 16 == 0) std::this_thread::yield();  // a spinner sharing its core (others busy) lets the runnable run
     if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > kSpin) return ready();
   }
 }
