@@ -1,10 +1,14 @@
 """Loading and saving the zoo's models: Hugging Face directories (config.json + safetensors) and in-memory
 transformers models. safetensors only (never pickle), never the network.
 
-Each family file gives `hf_layout(config)`: our state-dict key -> (its HF keys, split sizes, transpose). Loading
-maps the whole HF state dict through it and checks it (missing, unexpected and mis-shaped weights, by their HF
-names) before anything is built; the model is made on the meta device and its weights assigned at the end, so a
-failed load leaves nothing half-loaded. Saving runs the layout backwards.
+Each family file gives FAMILIES (its model_type names), a Config with from_hf(dict) / to_hf(), the model class,
+HF_IGNORED (a regex of HF keys to skip) and `hf_layout(config)`: our state-dict key -> (its HF keys, split sizes,
+transpose); and either HF_PREFIX (the *ForCausalLM prefix a bare base-model checkpoint lacks) or
+`hf_state(state, config) -> state` (the family's own key normalisation, e.g. BertModel vs BertForMaskedLM keys).
+A family is registered in _FAMILIES below. Loading maps the whole HF state dict through the layout and checks it
+(missing, unexpected and mis-shaped weights, by their HF names) before anything is built; the model is made on the
+meta device and its weights assigned at the end, so a failed load leaves nothing half-loaded. Saving runs the
+layout backwards.
 """
 
 import json
@@ -53,7 +57,7 @@ def _some(names) -> str:
 def _build(d: dict, state: dict, dtype, device):
     config_cls, model_cls, fam = _family(d)
     config = config_cls.from_hf(d)
-    state = _with_prefix(state, fam.HF_PREFIX)
+    state = fam.hf_state(state, config) if hasattr(fam, "hf_state") else _with_prefix(state, fam.HF_PREFIX)
     layout = fam.hf_layout(config)
     with torch.device("meta"):
         model = model_cls(config, dtype=dtype)
@@ -73,7 +77,8 @@ def _build(d: dict, state: dict, dtype, device):
     if bad:
         raise ValueError(f"weights of the wrong shape: {'; '.join(bad[:8])}")
     ignored = re.compile(fam.HF_IGNORED)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # (HF keeps the tied one in state_dict())
+    # (HF keeps the tied one in state_dict())
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     unexpected = [k for k in state if k not in used and k not in tied and not ignored.search(k)]
     if unexpected:
         raise ValueError(f"unexpected weights for a {config.model_type} model: {_some(unexpected)}")
@@ -87,7 +92,8 @@ def _build(d: dict, state: dict, dtype, device):
                                                                                   copy=True).contiguous()
                    for ours, (keys, split, transpose) in layout.items()}  # fmt: skip
     model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"hf_layout of {config.model_type} does not cover {left}"
     if device is not None:
