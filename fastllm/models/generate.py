@@ -56,7 +56,7 @@ def _stream(model, input_ids, spans, max_new_tokens, sampling, eos, pad, compile
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)
     logits = prefill(model, input_ids, spans, cache)  # (B, V)
-    step = _compiled_step() if compile else decode_step
+    step = _compiled_step() if compile else _Decoder(model, cache)
     eos_t = torch.tensor(eos, device=input_ids.device) if eos else None
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
@@ -91,6 +91,27 @@ def prefill(model, input_ids: torch.Tensor, spans: list, cache) -> torch.Tensor:
 def decode_step(model, tok: torch.Tensor, cache) -> torch.Tensor:
     """One token per row (B,) through the model at each row's next position; the next-token logits (B, V)."""
     return model(tok[:, None], cache)[:, -1]
+
+
+class _Decoder:
+    """decode_step through a DecodeProgram (fastllm/models/_program.py: the step's kernel calls with prebuilt
+    arguments, no Python in between) where one applies, else the model's forward. Checked every step: a step the
+    program may not take now (fastllm.explain, another backend, grad mode) runs the forward; a weight changed
+    since the build rebuilds it."""
+
+    def __init__(self, model, cache):
+        from fastllm.models._program import DecodeProgram
+
+        self.build = DecodeProgram.build
+        self.program = self.build(model, cache)
+
+    def __call__(self, model, tok: torch.Tensor, cache) -> torch.Tensor:
+        p = self.program
+        if p is not None and not p.allowed():
+            return decode_step(model, tok, cache)
+        if p is not None and p.stale():
+            p = self.program = self.build(model, cache)
+        return decode_step(model, tok, cache) if p is None else p(tok)
 
 
 def _last_logits(model, ids, cache) -> torch.Tensor:

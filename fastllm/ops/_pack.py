@@ -110,17 +110,14 @@ def pack_matrix(b: torch.Tensor, layout: str) -> Packed:
     return pack(b, None, K, N, b.stride(0), b.stride(1), layout)
 
 
-def gemm(a, pk: Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None, pre=None,
-         pre2=None, aux=None, aux2=None, a_scale=None, b_scale=None) -> None:  # fmt: skip
-    """out (M, N) = epilogue(a (M, K) @ B) on the C++ engine; tensors with unit column stride except a.
-
-    mode: the epilogue (gemm.h): plain, gated, dact, dgated, int8 (W8A8), scale (W8A16); act: none or an activation.
-    """
+def gemm_args(a, pk: Packed, out, *, mode="plain", act="none", out2=None, bias=None, bias2=None, res=None,
+              pre=None, pre2=None, aux=None, aux2=None, a_scale=None, b_scale=None) -> tuple:  # fmt: skip
+    """The arguments of C.gemm (kernels/cpp/bindings.cpp), positional, in its order, for `gemm` below (and for a
+    decode program, fastllm/models/_program.py, which keeps them and calls C.gemm with them every step)."""
     M, K = a.shape
     N = out.shape[1]
-    # positional, in C.gemm's order (kernels/cpp/bindings.cpp): kwargs parsing of 30 arguments costs ~3 us a call
     c = _codes()
-    _ext.C.gemm(
+    return (
         M, N, K, a.data_ptr(), a.stride(0), a.stride(1), _ext.DTYPE_CODES[a.dtype],
         pk.buf.data_ptr(), pk.code, c["layout"][pk.layout], c["epilogue"][mode], c["activation"][act],
         out.data_ptr(), out.stride(0), ptr(out2), ptr(bias), ptr(bias2), ptr(res),
@@ -130,6 +127,16 @@ def gemm(a, pk: Packed, out, *, mode="plain", act="none", out2=None, bias=None, 
         ptr(pk.colsum),
         _ext.num_threads(max(M * N * K // 16, N * K // 4)),  # decode: the weight read is the work
     )  # fmt: skip
+
+
+def gemm(a, pk: Packed, out, **kw) -> None:
+    """out (M, N) = epilogue(a (M, K) @ B) on the C++ engine; tensors with unit column stride except a.
+
+    kw: mode, the epilogue (gemm.h): plain, gated, dact, dgated, int8 (W8A8), scale (W8A16); act: none or an
+    activation; out2, bias, bias2, res, pre, pre2, aux, aux2, a_scale, b_scale as gemm.h's Gemm.
+    """
+    # positional (gemm_args): kwargs parsing of 30 arguments in the binding costs ~3 us a call
+    _ext.C.gemm(*gemm_args(a, pk, out, **kw))
 
 
 def _codes():

@@ -1,6 +1,7 @@
 // pybind11 module fastllm._C. No torch headers anywhere in kernels/cpp: Python validates tensors and
 // passes raw data pointers (as integers), sizes and strides, so this binary works with any torch version.
 // Every kernel call releases the GIL. Thread counts come from Python (torch.get_num_threads()).
+#include <cstring>
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -37,7 +38,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 9;
+constexpr int kAbi = 10;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -271,6 +272,30 @@ PYBIND11_MODULE(_C, m) {
       py::arg("pos_sb"), py::arg("pos_ss"), py::arg("cs_stride"), py::arg("pos64"), py::arg("inverse"),
       py::arg("dtype"), py::arg("nthreads"), py::call_guard<py::gil_scoped_release>(),
       "RoPE of q and k (rope.h): outputs contiguous; inputs strided (b, h, s) with unit stride along D.");
+
+  m.def(
+      "kv_write",
+      [](uintptr_t dst, uintptr_t src, uintptr_t pos, int64_t B, int64_t H, int64_t S, int64_t D, int64_t S_max,
+         int64_t elt, int64_t d_sb, int64_t d_sh, int64_t s_sb, int64_t s_sh, int64_t s_ss) {
+        // dst[b, h, pos[b] + s, :] = src[b, h, s, :] (strides in elements, unit stride along D), pos (B,) int32:
+        // the new tokens of a decode step into the KV cache at each row's own length. Nothing is written and false
+        // is returned when a row would leave [0, S_max).
+        const int32_t* p = ptr<const int32_t>(pos);
+        for (int64_t b = 0; b < B; ++b)
+          if (p[b] < 0 || p[b] + S > S_max) return false;
+        auto* d = ptr<char>(dst);
+        const auto* x = ptr<const char>(src);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t t = 0; t < S; ++t)
+              std::memcpy(d + ((b * d_sb + h * d_sh + (p[b] + t) * D) * elt), x + ((b * s_sb + h * s_sh + t * s_ss) * elt),
+                          static_cast<size_t>(D * elt));
+        return true;
+      },
+      py::arg("dst"), py::arg("src"), py::arg("pos"), py::arg("B"), py::arg("H"), py::arg("S"), py::arg("D"),
+      py::arg("S_max"), py::arg("elt"), py::arg("d_sb"), py::arg("d_sh"), py::arg("s_sb"), py::arg("s_sh"),
+      py::arg("s_ss"), py::call_guard<py::gil_scoped_release>(),
+      "KV-cache append: dst (B, H, S_max, D) with unit stride along D and D along S; false if out of range.");
 
   m.def(
       "copy_bytes",
