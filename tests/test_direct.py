@@ -125,3 +125,20 @@ def test_backend_override_respected_on_direct_path():
         out, n = _calls(L._layer_norm, lambda: fastllm.layer_norm(x, w, b))
     assert n == 1
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (37,), w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+def test_linear_lean_lane_identical(dtype, activation):
+    """linear's decode lane (ops/gemm.py _lean_linear: 3-D x, bias, residual) = the op's result, bit for bit."""
+    x = torch.randn(2, 3, 37, dtype=dtype)
+    w, b, r = torch.randn(13, 37, dtype=dtype), torch.randn(13, dtype=dtype), torch.randn(2, 3, 13, dtype=dtype)
+    with torch.inference_mode():
+        with fastllm.explain() as log:
+            ref = fastllm.linear(x, w, b, activation=activation, residual=r)
+        got, n = _calls(G.linear_fwd, lambda: fastllm.linear(x, w, b, activation=activation, residual=r))
+        assert len(log) == 1 and n == 1 and torch.equal(got, ref) and got.shape == (2, 3, 13)
+        with pytest.raises(ValueError, match="activation 'none'"):
+            fastllm.linear(x, w, activation="none")
+        with pytest.raises(ValueError, match="residual"):
+            fastllm.linear(x, w, residual=r[:, :2])  # a wrong residual shape leaves the lane and is refused

@@ -550,12 +550,59 @@ def _act_arg(op: str, activation, allow_none: bool):
     return activation
 
 
+_LEAN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _lean_operand(t, x, shape) -> bool:
+    """bias / residual of the lean lane: None, or a contiguous CPU tensor of x's dtype and this shape."""
+    return t is None or (type(t) in _LEAN_TYPES and t.dtype is x.dtype and t.is_cpu and t.shape == shape
+                         and t.is_contiguous())  # fmt: skip
+
+
+def _lean_linear(x, w, b, activation, residual):
+    """The decode fast lane of linear (as the norms' _lean in ops/layer_norm.py): the common inference call
+    (contiguous CPU tensors of one kernel dtype, matching shapes) checked in a few attribute reads, then the C++ GEMM
+    with the arguments of _linear_cpp, built here positionally. None for anything else: the caller then goes
+    through the op, which validates fully (and raises the errors) and dispatches."""
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
+        return None
+    if type(w) not in _LEAN_TYPES or w.dtype is not x.dtype or not w.is_cpu or w.dim() != 2 or not x.dim():
+        return None
+    N, K = w.shape
+    M = x.numel() // K if K else 0
+    if x.shape[-1] != K or not M or not N:
+        return None
+    act = "none" if activation is None else activation
+    if type(act) is not str or act not in _ACT_NAMES or not _lean_operand(b, x, (N,)):
+        return None
+    out_shape = (*x.shape[:-1], N)
+    if not _lean_operand(residual, x, out_shape) or not linear_fwd.cpp_lane((x, w, b, residual)):
+        return None
+    y = x.new_empty(out_shape)
+    pk = _packed_weight(w)
+    c, dt = _ext._CODES, _ext.DTYPE_CODES[x.dtype]
+    _ext.C.gemm(
+        M, N, K, x.data_ptr(), K, 1, dt, pk.buf.data_ptr(), pk.code, c["layout"][pk.layout], c["epilogue"]["plain"],
+        c["activation"][act], y.data_ptr(), N, 0, 0 if b is None else b.data_ptr(), 0,
+        0 if residual is None else residual.data_ptr(), 0 if residual is None else N, 0, 0, 0, 0, 0, 0, dt, 0, 0,
+        0 if pk.colsum is None else pk.colsum.data_ptr(), _ext.num_threads(max(M * N * K // 16, N * K // 4)),
+    )  # fmt: skip
+    return y
+
+
+_ACT_NAMES = frozenset(("none", *ACTIVATIONS))
+
+
 def linear(x, weight, bias=None, *, activation=None, residual=None) -> torch.Tensor:
     """act(x @ weight.T + bias) + residual in one GEMM with a fused epilogue; weight (out, in) as nn.Linear.
 
     activation: None (no activation), "gelu", "gelu_tanh", "quick_gelu", "relu" or "silu". residual: (..., out)
     added after the activation (the residual stream of a block's output projection).
     """
+    if activation != "none":  # ("none" is refused below, with its message)
+        y = _lean_linear(x, weight, bias, activation, residual)
+        if y is not None:
+            return y
     op = "linear"
     x2 = x if type(x) is torch.Tensor and x.dim() == 2 else _flat(op, x)
     check_tensor(op, "weight", weight)
