@@ -104,13 +104,13 @@ def kernel_isa(avx512: bool, args) -> str:
     return "avx2" if a.dtype == torch.int8 else "avx512"
 
 
-# Elements of work per OpenMP thread below which a call does not fork (torch's own GRAIN_SIZE). A tiny
-# op on 2 threads waits at the barrier for the slower thread; if another process holds that core, the
-# wait is a scheduler time slice (milliseconds, measured here), so small calls stay on one thread.
+# Elements of work per thread below which a call stays on the calling thread (torch's own GRAIN_SIZE). The
+# kernels run on fastllm's thread pool (kernels/cpp/parallel.h): a helper thread that is late only misses tasks,
+# but waking it still costs microseconds, more than a tiny op's whole work.
 GRAIN = 32768
 
 
 def num_threads(work: int | None = None) -> int:
-    """OpenMP threads for a kernel call: torch.get_num_threads(), fewer for small `work` (elements)."""
+    """Threads for a kernel call: torch.get_num_threads(), fewer for small `work` (elements)."""
     n = max(1, torch.get_num_threads())
     return n if work is None else max(1, min(n, work // GRAIN))

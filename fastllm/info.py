@@ -106,8 +106,8 @@ def report() -> str:
                 f"vpdpbusd (W8A8): {'yes' if _ext.C.avx512vnni_available() else 'no'}"]  # fmt: skip
         lines.append(f"  avx512_dot   {', '.join(dots)}")
         lines.append(
-            f"  OpenMP       max threads {_ext.C.openmp_max_threads()}; calls use torch.get_num_threads(), "
-            "one thread below 32K elements per thread"
+            f"  threads      fastllm's pool (kernels/cpp/parallel.h); calls use torch.get_num_threads(), one "
+            f"thread below 32K elements per thread (OpenMP max threads {_ext.C.openmp_max_threads()}: the probes)"
         )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
