@@ -17,10 +17,13 @@ import re
 
 import torch
 
-from fastllm.models import gpt2, llama
+from fastllm.models import bert, clip, gpt2, llama, vit
 
 _FAMILIES = {mt: (llama.LlamaConfig, llama.Llama, llama) for mt in llama.FAMILIES}
 _FAMILIES.update({mt: (gpt2.GPT2Config, gpt2.GPT2, gpt2) for mt in gpt2.FAMILIES})
+_FAMILIES.update({mt: (bert.BertConfig, bert.Bert, bert) for mt in bert.FAMILIES})
+_FAMILIES.update({mt: (vit.ViTConfig, vit.ViT, vit) for mt in vit.FAMILIES})
+_FAMILIES.update({mt: (clip.CLIPConfig, clip.CLIP, clip) for mt in clip.FAMILIES})
 
 
 def _family(d: dict):
