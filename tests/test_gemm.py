@@ -87,6 +87,34 @@ def test_linear(gemm_isa, T, n_in, n_out, act, dtype):
     )
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "w8a16"])
+def test_skinny_rows(gemm_isa, kind):
+    """Decode-sized GEMMs (1 and 2 rows: the skinny micro-kernels, several B panels a call) over K of three k blocks
+    and N of 10 panels, the last partial: equivalent to float64, and each row bit-identical to the same row computed
+    in a taller batch (a row's sums do not depend on M)."""
+    K, N = 600, 149
+    torch.manual_seed(1)
+    dt = torch.float32 if kind == "w8a16" else getattr(torch, kind)
+    x = torch.randn(9, K).to(dt)
+    bias = torch.randn(N).to(dt)
+    if kind == "w8a16":
+        w, s = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) * 1e-2
+        run = lambda a: fastllm.w8a16_linear(a, w, s, bias)
+        ref = lambda a: (a.double() @ w.double().t()) * s.double() + bias.double()
+        eager = lambda a: F.linear(a, w.to(dt)) * s + bias
+    else:
+        w = (torch.randn(N, K) / math.sqrt(K)).to(dt)
+        run = lambda a: fastllm.linear(a, w, bias)
+        ref = lambda a: F.linear(a.double(), w.double(), bias.double())
+        eager = lambda a: F.linear(a, w, bias)
+    with torch.inference_mode():
+        tall = run(x)
+        for M in (1, 2):
+            out = run(x[:M])
+            assert_equivalent(out, eager(x[:M]), ref(x[:M]), f"{kind} M={M}")
+            assert torch.equal(out, tall[:M]), f"{kind}: rows computed with M={M} differ from the same rows at M=9"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_linear_residual_and_batch_dims(gemm_isa, dtype):
     _check_all(

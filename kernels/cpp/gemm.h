@@ -286,7 +286,8 @@ struct HeadsRunScalar {
 
 // ---------------------------------------------------------------------------------------------------
 // The blocked driver, shared by every ISA path. Ops provides:
-//   kMR, kMC, kKC: rows of a micro-tile, cache blocking; kPanels: B panels per micro-kernel call (1 or 2)
+//   kMR, kMC, kKC: rows of a micro-tile, cache blocking; kPanels: B panels per micro-kernel call (1 or 2), and
+//       kPanelsSkinny when the row block has at most 2 rows (the taller tiles' B panel stays in L1 across row tiles)
 //   pack_a(g, m0, mr, k0, kc, dst), a_words(kc): A's block in the micro-kernel's layout (OpsShape below)
 //   ukr(R, np, kc, a_panel, b_panel, b_pstride, b_dt, c, ldc, load): c (R x 16 np fp32) (+)= A_panel times
 //       np panels (the second at b_panel + b_pstride bytes) over kc steps
@@ -407,11 +408,11 @@ struct AQuadsU8 {
 // How an Ops packs A: fp32 rows, or one of the k-group layouts above.
 enum APack : int { kAPackF32, kAPackBf16Pairs, kAPackI16Pairs, kAPackU8Quads };
 
-// The shape part of an Ops: tile rows, cache blocking, panels per call, A packing (derive and add ukr and
-// epilogue).
-template <int64_t MR, int64_t MC, int64_t KC, int64_t NP, APack P>
+// The shape part of an Ops: tile rows, cache blocking, panels per call (NPS: when the row block has at most 2 rows,
+// the decode GEMV; see gemm_avx2.cpp), A packing (derive and add ukr and epilogue).
+template <int64_t MR, int64_t MC, int64_t KC, int64_t NP, APack P, int64_t NPS = NP>
 struct OpsShape {
-  static constexpr int64_t kMR = MR, kMC = MC, kKC = KC, kPanels = NP;
+  static constexpr int64_t kMR = MR, kMC = MC, kKC = KC, kPanels = NP, kPanelsSkinny = NPS;
   static void pack_a(const Gemm& g, int64_t m0, int64_t mr, int64_t k0, int64_t kc, float* d) {
     if constexpr (P == kAPackBf16Pairs) return pack_a_groups<APairsBf16, MR>(g, m0, mr, k0, kc, d);
     if constexpr (P == kAPackI16Pairs) return pack_a_groups<APairsI16, MR>(g, m0, mr, k0, kc, d);
@@ -467,9 +468,10 @@ void gemm_impl(const Gemm& g) {
       Ops::pack_a(g, m0, mr, k0, kc, apack);
       const int64_t kp = panel_k(K, g.b_layout);  // k rows per packed panel
       const int64_t a_panel = Ops::a_words(kc);    // 32-bit words per packed A row (fp32: kc; pairs: kc/2 ...)
-      for (int64_t p = p0; p < p1; p += Ops::kPanels) {
+      const int64_t pstep = mr <= 2 ? Ops::kPanelsSkinny : Ops::kPanels;
+      for (int64_t p = p0; p < p1; p += pstep) {
         const char* bp = static_cast<const char*>(g.b) + (p * kp + k0) * kNR * bsz;
-        const int np = static_cast<int>(imin(Ops::kPanels, p1 - p));  // panels in this step (1 or 2)
+        const int np = static_cast<int>(imin(pstep, p1 - p));  // panels in this step
         float* ct = cbuf + (p - p0) * kNR;
         for (int64_t r0 = 0; r0 < mr; r0 += kMR) {
           const int rows = static_cast<int>(imin(kMR, mr - r0));
