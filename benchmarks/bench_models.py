@@ -534,3 +534,181 @@ def bench_threads(benchmark, harness, kind):
         harness.run_case(benchmark, case)
     finally:
         _annotate(harness, case, row_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# encoders: BERT (MiniLM and BERT-base shapes), ViT-B/16, CLIP ViT-B/32, random weights (HF's init, seed 0)
+
+ENC_B, BERT_S = 8, 256
+CLIP_TEXT_S = 77
+ENCODERS = {  # name -> (HF config class, its arguments)
+    "minilm": ("BertConfig", dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                  intermediate_size=1536)),
+    "bert-base": ("BertConfig", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072)),
+    "vit-b16": ("ViTConfig", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  intermediate_size=3072, image_size=224, patch_size=16)),
+    "clip-b32": ("CLIPConfig", dict(
+        text_config=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048),
+        vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           image_size=224, patch_size=32), projection_dim=512)),
+}  # fmt: skip
+
+
+class _Enc:
+    """The encoder models, built on first use: HF fp32 eager, the same weights under sdpa and compiled, bf16 copies,
+    ours from each, float64 references."""
+
+    def __init__(self):
+        self._m: dict = {}
+
+    def hf(self, name, dtype, attn="eager"):
+        key = (name, dtype, attn)
+        if key not in self._m:
+            if attn != "eager":
+                base = self.hf(name, dtype)
+                m = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
+                if attn == "compile":  # (CLIP: each tower; get_*_features of a compiled CLIPModel would run eager)
+                    m.set_attn_implementation("sdpa")
+                    if name == "clip-b32":
+                        m.vision_model, m.text_model = torch.compile(m.vision_model), torch.compile(m.text_model)
+                    else:
+                        m = torch.compile(m)
+                else:
+                    m.set_attn_implementation(attn)
+            elif dtype == torch.float32:
+                transformers = pytest.importorskip("transformers")
+                cls_name, kw = ENCODERS[name]
+                torch.manual_seed(0)
+                cfg = getattr(transformers, cls_name)(**kw, attn_implementation="eager")
+                model_cls = {"BertConfig": "BertModel", "ViTConfig": "ViTModel", "CLIPConfig": "CLIPModel"}[cls_name]
+                extra = {} if cls_name == "CLIPConfig" else {"add_pooling_layer": False}
+                m = getattr(transformers, model_cls)(cfg, **extra).eval()
+            else:
+                m = copy.deepcopy(self.hf(name, torch.float32)).to(dtype)
+            self._m[key] = m
+        return self._m[key]
+
+    def ours(self, name, dtype):
+        key = (name, dtype, "ours")
+        if key not in self._m:
+            self._m[key] = fastllm.models.from_hf(self.hf(name, dtype))
+        return self._m[key]
+
+
+_ENC = _Enc()
+
+
+class _EncInputs:  # not tensors: the harness neither clones nor converts them to float64
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _ragged_mask(B, S, lo, seed):
+    lengths = torch.randint(lo, S + 1, (B,), generator=torch.Generator().manual_seed(seed))
+    lengths[0] = S  # one full row: the padded length is the batch's longest
+    return (torch.arange(S)[None, :] < lengths[:, None]).long()
+
+
+def _enc_inputs(name, dtype):
+    g = torch.Generator().manual_seed(3)
+    if name in ("minilm", "bert-base"):
+        ids = torch.randint(0, 30522, (ENC_B, BERT_S), generator=g)
+        return _EncInputs(ids=ids, mask=_ragged_mask(ENC_B, BERT_S, BERT_S // 2, 4))
+    px = torch.randn(ENC_B, 3, 224, 224, generator=g)
+    if name == "vit-b16":
+        return _EncInputs(px=px)
+    mask = _ragged_mask(ENC_B, CLIP_TEXT_S, 5, 5)
+    ids = torch.randint(0, 49405, (ENC_B, CLIP_TEXT_S), generator=g)
+    eos = 49407  # CLIPTextConfig's eos_token_id: HF and ours pool at its first occurrence
+    for b, n in enumerate(mask.sum(1).tolist()):
+        ids[b, n - 1], ids[b, n:] = eos, eos
+    return _EncInputs(ids=ids, mask=mask, px=px)
+
+
+def _hf_enc(name, model, dtype):
+    def run(p):
+        with torch.inference_mode():
+            if name in ("minilm", "bert-base"):
+                return model(input_ids=p.ids, attention_mask=p.mask).last_hidden_state
+            if name == "vit-b16":
+                return model(pixel_values=p.px.to(dtype)).last_hidden_state
+            img = model.get_image_features(pixel_values=p.px.to(dtype)).pooler_output
+            txt = model.get_text_features(input_ids=p.ids, attention_mask=p.mask).pooler_output
+            return img, txt
+
+    return run
+
+
+def _ours_enc(name, model):
+    def run(p):
+        with torch.inference_mode():
+            if name in ("minilm", "bert-base"):
+                return model(p.ids, p.mask)
+            if name == "vit-b16":
+                return model(p.px)
+            return model.encode_image(p.px), model.encode_text(p.ids, p.mask)
+
+    return run
+
+
+def _layer_flops(T, B, S, d, inter, causal=False):
+    """One Transformer layer over T = B * S tokens: q/k/v/o and the two FFN GEMMs, and QK^T + PV (half if causal)."""
+    attn = 4 * B * S * S * d
+    return 2 * T * (4 * d * d + 2 * d * inter) + (attn // 2 if causal else attn)
+
+
+def _enc_flops(name) -> int:
+    _, kw = ENCODERS[name]
+    if name in ("minilm", "bert-base"):
+        d, L, inter = kw["hidden_size"], kw["num_hidden_layers"], kw["intermediate_size"]
+        return L * _layer_flops(ENC_B * BERT_S, ENC_B, BERT_S, d, inter)
+    total = 0
+    v = kw if name == "vit-b16" else kw["vision_config"]
+    n = (v["image_size"] // v["patch_size"]) ** 2
+    total += 2 * ENC_B * n * 3 * v["patch_size"] ** 2 * v["hidden_size"]  # the patch embedding
+    total += v["num_hidden_layers"] * _layer_flops(ENC_B * (n + 1), ENC_B, n + 1, v["hidden_size"],
+                                                   v["intermediate_size"])  # fmt: skip
+    if name == "clip-b32":
+        t = kw["text_config"]
+        total += t["num_hidden_layers"] * _layer_flops(ENC_B * CLIP_TEXT_S, ENC_B, CLIP_TEXT_S, t["hidden_size"],
+                                                       t["intermediate_size"], causal=True)  # fmt: skip
+    return total
+
+
+def make_encoder_case(name, dtype, with_compile):
+    p = _enc_inputs(name, dtype)
+    impls = {"fastllm": _ours_enc(name, _ENC.ours(name, dtype)), "eager": _hf_enc(name, _ENC.hf(name, dtype), dtype),
+             "sdpa": _hf_enc(name, _ENC.hf(name, dtype, "sdpa"), dtype)}  # fmt: skip
+    if with_compile:
+        impls["torch.compile"] = _hf_enc(name, _ENC.hf(name, dtype, "compile"), dtype)
+
+    def reference(_p):
+        f64 = copy.deepcopy(_ENC.hf(name, dtype)).double()  # (bf16: the bf16-rounded weights, exactly)
+        out = _hf_enc(name, f64, torch.float64)(p)
+        del f64
+        return out
+
+    names = ("image_embeds", "text_embeds") if name == "clip-b32" else ("last_hidden_state",)
+    shape = (ENC_B, BERT_S) if name in ("minilm", "bert-base") else (ENC_B, 3, 224, 224)
+    what = {"minilm": "MiniLM (BERT) padded", "bert-base": "BERT-base padded", "vit-b16": "ViT-B/16",
+            "clip-b32": "CLIP ViT-B/32 image+text"}[name]  # fmt: skip
+    return Case(f"{what}", shape, dtype, "cpu", lambda: (p,), impls, reference, flops=_enc_flops(name),
+                names=names)  # fmt: skip
+
+
+def _encoder_id(p):
+    name, dtype = p
+    return f"cpu-{name}-{dtype_name(dtype)}"
+
+
+@pytest.mark.parametrize("p", cases([(n, dt) for n in ENCODERS for dt in (torch.float32, torch.bfloat16)],
+                                    _encoder_id, lambda p: p == ("minilm", torch.float32)))  # fmt: skip
+def bench_encoder(benchmark, harness, use_compile, p):
+    _cpu_only()
+    name, dtype = p
+    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
+           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    if why:
+        warnings.warn(f"{_encoder_id(p)}: no HF torch.compile row ({why})", stacklevel=1)
+    harness.run_case(benchmark, make_encoder_case(name, dtype, why is None))
