@@ -7,6 +7,7 @@ take -> the plain-PyTorch reference beside the op. See `fastllm.backend` and `fa
 
 from fastllm import models, nn
 from fastllm._backend import Dispatch, backend, explain, get_backend
+from fastllm.integrations import accelerate, restore
 from fastllm.nn.int8 import quantize_
 from fastllm.ops import (
     add_layer_norm,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Dispatch",
+    "accelerate",
     "add_layer_norm",
     "add_rms_norm",
     "backend",
@@ -49,6 +51,7 @@ __all__ = [
     "qkv_projection",
     "quantize_",
     "quantize_int8",
+    "restore",
     "rms_norm",
     "rotary_embedding",
     "scaled_dot_product_attention",
