@@ -93,6 +93,28 @@ def test_bert_criterion(bert, dtype):
     assert_equivalent(ours[1, 20:], eager[1, 20:], ref[1, 20:], f"bert padded positions {dtype}")
 
 
+def test_key_lengths_fast_path(bert):
+    """Right padding at inference skips the padding keys (kv_len); the result is bit-identical to the masked path
+    that grad mode takes. Left padding is not a prefix: it keeps the mask."""
+    from fastllm.nn.encoder import key_lengths
+
+    ids, mask, tt = _bert_inputs()
+    m4 = mask.bool()[:, None, None, :]
+    assert key_lengths(m4).tolist() == [37, 20, 5]
+    assert key_lengths(m4.flip(-1)) is None
+    ours = fastllm.models.from_hf(bert)
+    for m in (mask, mask.flip(-1)):
+        with torch.inference_mode():
+            fast = ours(ids, m, tt)
+        with torch.enable_grad():
+            masked = ours(ids, m, tt)
+        assert masked.requires_grad and torch.equal(fast, masked.detach())
+    with torch.inference_mode():
+        ref = copy.deepcopy(bert).double()(ids, attention_mask=mask.flip(-1), token_type_ids=tt).last_hidden_state
+        eager = bert(ids, attention_mask=mask.flip(-1), token_type_ids=tt).last_hidden_state
+        assert_equivalent(ours(ids, mask.flip(-1), tt), eager, ref, "bert left padding")
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_bert_float64_tight(bert, masked):
     ids, mask, tt = _bert_inputs(3, 13, (13, 7, 1))

@@ -23,13 +23,13 @@ from torch import nn
 
 from fastllm.nn.attention import MLP
 from fastllm.nn.layer_norm import LayerNorm
-from fastllm.ops.attention import flash_attention
+from fastllm.ops.attention import attention_fwd, flash_attention
 from fastllm.ops.gemm import linear
 from fastllm.ops.layer_norm import add_layer_norm, layer_norm
 from fastllm.ops.qkv import qkv_projection
 
 __all__ = ["MLP", "PatchEmbed", "PostNormLayer", "PreNormLayer", "SelfAttention", "check_ids", "check_pixels",
-           "padding_mask", "project", "stream_norm"]  # fmt: skip
+           "key_lengths", "padding_mask", "project", "stream_norm"]  # fmt: skip
 
 
 def project(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,6 +90,25 @@ def padding_mask(owner: str, attention_mask, shape: tuple[int, int], device) -> 
     if m.all():
         return None
     return m.to(device)[:, None, None, :]  # (B, 1, 1, S)
+
+
+def key_lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """(B,) int32 key lengths when the (B, 1, 1, S) bool key mask of padding_mask is a prefix in every row (right
+    padding, what tokenizers write), else None.
+
+    Inference only (the kernels' kv_len has no backward): attention then stops at each row's length instead of
+    masking the padding keys block by block. The outputs are bit-identical for finite inputs (a masked key adds an
+    exact 0); the one difference is a non-finite value (NaN / Inf) in a padding position's key or value, which the
+    masked path multiplies by 0 (NaN, as torch's SDPA) and this path never reads. Decision: padding positions are
+    not part of the input, so what they hold does not reach the real tokens (MiniLM B8 S256: attention 11.9 ->
+    5.5 ms a layer on Zen 3, torch SDPA 7.4)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    m = mask[:, 0, 0]  # (B, S)
+    lens = m.sum(-1, dtype=torch.int32)
+    if not torch.equal(m, torch.arange(m.shape[-1], device=m.device) < lens[:, None]):
+        return None
+    return lens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +179,12 @@ class SelfAttention(nn.Module):
             q, k, v = qkv_projection(x, p.weight, p.bias, num_heads=H, num_kv_heads=H)  # (B, H, S, D) each
         else:  # quantized: the module, then the heads by a view
             q, k, v = p(x).view(B, S, 3 * H, D).transpose(1, 2).split(H, dim=1)
-        o = flash_attention(q, k, v, causal=self.causal, attn_mask=mask, scale=self.scale)  # (B, H, S, D)
+        kv_len = key_lengths(mask) if mask is not None and not torch.is_grad_enabled() else None
+        if kv_len is not None:  # right padding: keys past each row's length skipped, not masked (bit-identical)
+            scale = D**-0.5 if self.scale is None else self.scale
+            o, _ = attention_fwd(q, k, v, None, kv_len, self.causal, False, scale)  # (B, H, S, D)
+        else:
+            o = flash_attention(q, k, v, causal=self.causal, attn_mask=mask, scale=self.scale)  # (B, H, S, D)
         return project(self.o_proj, o.transpose(1, 2).reshape(B, S, H * D), residual)
 
     def extra_repr(self) -> str:
