@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-ABI = 10  # must equal kAbi in kernels/cpp/bindings.cpp
+ABI = 11  # must equal kAbi in kernels/cpp/bindings.cpp
 
 ISA_CHOICES = ("auto", "scalar", "avx2", "avx512", "avx512_dot")  # the levels: C.isa_levels(), in this order
 

@@ -265,3 +265,36 @@ def test_cpu_forward_memory_is_linear_in_sequence(need_backend):
     B, H, S, D = 1, 8, 16384, 64
     extra = int(delta) - (B * H * S * D * 4 + B * H * S * 4)  # minus out (32 MiB) and lse (fp32)
     assert extra < 64 * 2**20, f"forward used {extra / 2**20:.1f} MiB beyond out and lse"
+
+
+# ---------------------------------------------------------------------------------------------- merged heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lens", [None, [13, 1, 7]], ids=["full", "kv_len"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(6, 6), (6, 2)], ids=["mha", "gqa"])
+def test_attention_merged_layout(dtype, lens, causal, heads):
+    """attention_merged (the encoder's inference path) writes (B, S, H D) in the kernel (o_strides) instead of
+    copying (B, H, S, D): the same values bit for bit, and on the direct path it is the C++ kernel that ran."""
+    from fastllm.ops.attention import attention_fwd, attention_merged
+
+    torch.manual_seed(0)
+    Hq, Hkv = heads
+    q, k, v = _q(3, Hq, 13, 24, dtype=dtype), _q(3, Hkv, 13, 24, dtype=dtype), _q(3, Hkv, 13, 24, dtype=dtype)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided q, as qkv_projection's views are not
+    kv_len = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    with torch.inference_mode():
+        want, _ = attention_fwd(q, k, v, None, kv_len, causal, False, 0.3)
+        before = attention_fwd.direct_calls
+        got = attention_merged(q, k, v, kv_len, causal, 0.3)
+    assert got.shape == (3, 13, Hq * 24) and got.is_contiguous()
+    assert torch.equal(got, want.transpose(1, 2).reshape(3, 13, Hq * 24))
+    if fastllm._ext.C is not None:  # the C++ lane counts a direct call; the fallback runs the op (also direct here)
+        assert attention_fwd.direct_calls == before + 1
+    # with autograd the op runs (the registered path), and the gradient flows
+    q.requires_grad_(True)
+    out = attention_merged(q, k, v, None, causal, 0.3)
+    assert out.requires_grad
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastllm.nn.attention import MLP
 from fastllm.nn.layer_norm import LayerNorm
-from fastllm.ops.attention import attention_fwd, flash_attention
+from fastllm.ops.attention import attention_merged, flash_attention
 from fastllm.ops.gemm import linear
 from fastllm.ops.layer_norm import add_layer_norm, layer_norm
 from fastllm.ops.qkv import qkv_projection
@@ -180,12 +180,13 @@ class SelfAttention(nn.Module):
         else:  # quantized: the module, then the heads by a view
             q, k, v = p(x).view(B, S, 3 * H, D).transpose(1, 2).split(H, dim=1)
         kv_len = key_lengths(mask) if mask is not None and not torch.is_grad_enabled() else None
-        if kv_len is not None:  # right padding: keys past each row's length skipped, not masked (bit-identical)
+        if mask is None or kv_len is not None:  # right padding: keys past each row's length skipped (bit-identical)
             scale = D**-0.5 if self.scale is None else self.scale
-            o, _ = attention_fwd(q, k, v, None, kv_len, self.causal, False, scale)  # (B, H, S, D)
+            o = attention_merged(q, k, v, kv_len, self.causal, scale)  # (B, S, H D), written in place by the kernel
         else:
             o = flash_attention(q, k, v, causal=self.causal, attn_mask=mask, scale=self.scale)  # (B, H, S, D)
-        return project(self.o_proj, o.transpose(1, 2).reshape(B, S, H * D), residual)
+            o = o.transpose(1, 2).reshape(B, S, H * D)
+        return project(self.o_proj, o, residual)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, causal={self.causal}"

@@ -68,7 +68,8 @@ struct AttnShape {
 
 struct AttnFwd {
   AttnShape s;
-  void* out;              // (B, Hq, Sq, D) contiguous
+  void* out;              // (B, Hq, Sq, D), strides os (all 0: contiguous)
+  int64_t os[3];          // out's strides (batch, head, seq) in elements; head_dim stride 1
   float* stats;           // (B, Hq, Sq, 2): m (row max, log2 domain; +inf for a row without keys), l
   const int32_t* kv_len;  // (B,) valid keys per sequence, or null (all Sk)
 };
@@ -283,7 +284,12 @@ void finish_row(const AttnFwd& a, int64_t row, int64_t D, int64_t Dp, float* O, 
   } else {
     Ops::divide(O, Dp, l);
   }
-  Ops::template store_row<S>(static_cast<T*>(a.out) + row * D, O, D);
+  int64_t at = row * D;  // row = (b Hq + h) Sq + i
+  if (a.os[0] | a.os[1] | a.os[2]) {
+    const int64_t i = row % a.s.Sq, bh = row / a.s.Sq;
+    at = (bh / a.s.Hq) * a.os[0] + (bh % a.s.Hq) * a.os[1] + i * a.os[2];
+  }
+  Ops::template store_row<S>(static_cast<T*>(a.out) + at, O, D);
   a.stats[2 * row] = empty ? kInf : m;
   a.stats[2 * row + 1] = empty ? 1.f : l;
 }

@@ -38,7 +38,7 @@ double fma_loop_512(int64_t iters, int nthreads);
 namespace {
 
 // Bumped whenever a binding's signature changes, so Python can refuse a stale build of _C.
-constexpr int kAbi = 10;
+constexpr int kAbi = 11;
 
 template <class T>
 T* ptr(uintptr_t p) {
@@ -149,8 +149,9 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t out, uintptr_t stats, uintptr_t q, uintptr_t k, uintptr_t v, int64_t B, int64_t Hq, int64_t Hkv,
          int64_t Sq, int64_t Sk, int64_t D, const Strides& q_strides, const Strides& k_strides,
          const Strides& v_strides, uintptr_t mask, int mask_dtype, const Strides& mask_strides, uintptr_t kv_len,
-         bool causal, bool bottom_right, double scale, int dtype, int nthreads) {
+         bool causal, bool bottom_right, double scale, int dtype, int nthreads, const Strides& o_strides) {
         AttnFwd a{};
+        if (!o_strides.empty()) copy_strides(a.os, o_strides, 3, "o_strides");
         a.s = attn_shape(q, k, v, B, Hq, Hkv, Sq, Sk, D, q_strides, k_strides, v_strides, mask, mask_dtype,
                          mask_strides, causal, bottom_right, scale, dtype, nthreads);
         a.out = ptr<void>(out);
@@ -163,7 +164,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
       py::arg("v_strides"), py::arg("mask"), py::arg("mask_dtype"), py::arg("mask_strides"), py::arg("kv_len"),
       py::arg("causal"), py::arg("bottom_right"), py::arg("scale"), py::arg("dtype"), py::arg("nthreads"),
-      "Flash attention forward: out (B, Hq, Sq, D) and stats (B, Hq, Sq, 2) fp32 = (row max m in log2 units, l).");
+      py::arg("o_strides") = Strides{},
+      "Flash attention forward: out (B, Hq, Sq, D) and stats (B, Hq, Sq, 2) fp32 = (row max m in log2 units, l). "
+      "o_strides (batch, head, seq) of out in elements, head_dim stride 1; empty: contiguous.");
 
   m.def(
       "attn_bwd",

@@ -41,7 +41,10 @@ enum Act : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2, kActQuickGelu = 3
 enum EpiMode : int { kEpiPlain = 0, kEpiGated = 1, kEpiDact = 2, kEpiDgated = 3, kEpiInt8 = 4, kEpiScale = 5 };
 
 constexpr int64_t kNR = 16;
-constexpr int64_t kChunk = 32;  // k steps summed in registers before adding into C (blocked summation)
+// k steps summed in registers before adding into C (blocked summation). 64: with 32 the C round trip every 32 steps
+// cost 10-15% (1 thread, 2048 x 384 -> 1152 and two other encoder shapes: 71-76 -> 83-86 GFLOP/s, Zen 3); 128 and 256
+// ran as fast as 64 but failed the criterion (1 element of 33300 of a fused gated FFN's weight gradient).
+constexpr int64_t kChunk = 64;
 // Default cache blocking (AVX2 / portable: 6-row tiles, 32 KiB L1). kMC 72: 96 left 2048 rows as 21 x 96 + 32
 // and ran 2048^3 at 187 GFLOP/s against 215 with 72 (84, 120: 214-218; 2 threads, this machine's AVX2 path).
 constexpr int64_t kMC = 72, kKC = 256;
