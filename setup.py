@@ -3,6 +3,8 @@
 The C++ includes no torch headers, so the build needs no torch and the binary works with any torch.
 FASTLLM_NO_CPP=1 skips the extension (fastllm then runs CPU ops on the reference path); 0 or unset builds it.
 CMAKE_ARGS (space-separated) are passed through to cmake.
+FASTLLM_SANITIZE=address,undefined (any -fsanitize= list) builds the extension with those sanitizers (-O1 -g, UBSan
+findings abort); run its tests with scripts/sanitize.sh, which builds into a folder of its own and preloads the runtime.
 """
 
 import os
@@ -11,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -38,6 +40,8 @@ class CMakeBuild(build_ext):
             "-G",
             "Ninja",
         ]
+        if os.environ.get("FASTLLM_SANITIZE"):
+            args.append(f"-DFASTLLM_SANITIZE={os.environ['FASTLLM_SANITIZE']}")
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--config", cfg], cwd=build_dir, check=True)
@@ -50,7 +54,8 @@ if _no_cpp not in ("0", "1"):
 no_cpp = _no_cpp == "1"
 
 setup(
-    packages=["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.kernels", "fastllm.kernels.triton"],
+    # every fastllm.* package (models, nn, ops, integrations, ...) and the Triton kernels from kernels/triton
+    packages=[*find_packages(include=["fastllm", "fastllm.*"]), "fastllm.kernels.triton"],
     package_dir={"fastllm": "fastllm", "fastllm.kernels.triton": "kernels/triton"},
     ext_modules=[] if no_cpp else [CMakeExtension("fastllm._C")],
     cmdclass={"build_ext": CMakeBuild},
