@@ -476,7 +476,11 @@ void attn_bwd_impl(const AttnBwd& a) {  // its preamble of tiling sizes is attn_
   //             dK, dV accumulators (chunk x Dp) | m, 1/l, delta (Mp)
   // Every product is formed on its own in a block buffer and then added to its accumulator, so sums over
   // many rows (dK, dV: Hg * Sq of them) or keys (dQ) round like a blocked sum, not a sequential one.
-  const int64_t per = 2 * D * Mp + 4 * Mp * Dp + 2 * BN * Mp + 3 * BN * Dp + 2 * chunk * Dp + 3 * Mp;
+  const int64_t per = 2 * D * Mp + 4 * Mp * Dp + 2 * BN * Mp + 3 * BN * Dp + 2 * chunk * Dp + 4 * Mp;
+  // decode-shaped blocks (BM == 8): the forward formed St with qk_small (dot products, another summation order than
+  // the GEMM's), so the backward does too: St bit-identical to the forward's, P = exp2(St cb - m) / l exactly the
+  // forward's P (with the GEMM, an Sq = Sk = 1 case gave dV = dO (1 + 6 ulp) where eager is exact: the fuzzer found it)
+  const bool small = BM == 8;
   // dQ partials per chunk (fp32, shared), summed in chunk order at the end; only with several chunks
   const int64_t qrows = s.B * s.Hq * s.Sq;
   const Workspace ws(nt, per, BM, nchunk > 1 ? nchunk * qrows * Dp : 0);
@@ -484,10 +488,10 @@ void attn_bwd_impl(const AttnBwd& a) {  // its preamble of tiling sizes is attn_
   const Scales sc = scales_of(s);
 
   parallel_for(ntasks, nt, [&](int64_t task, int t) {
-    float *Qt, *dOt, *Qr, *dOr, *dQr, *dQb, *St, *dPt, *Kc, *Vc, *Tb, *dKa, *dVa, *mrow, *linv, *delta;
+    float *Qt, *dOt, *Qr, *dOr, *dQr, *dQb, *St, *dPt, *Kc, *Vc, *Tb, *dKa, *dVa, *mrow, *linv, *delta, *mxs;
     carve(ws.thread_floats(t), Qt, D * Mp, dOt, D * Mp, Qr, Mp * Dp, dOr, Mp * Dp, dQr, Mp * Dp, dQb, Mp * Dp, St,
           BN * Mp, dPt, BN * Mp, Kc, BN * Dp, Vc, BN * Dp, Tb, BN * Dp, dKa, chunk * Dp, dVa, chunk * Dp, mrow, Mp,
-          linv, Mp, delta, Mp);
+          linv, Mp, delta, Mp, mxs, Mp);
     RowInfo* info = ws.thread_infos(t);
 
     const int64_t ch = task % nchunk, bh = task / nchunk, hkv = bh % s.Hkv, b = bh / s.Hkv;
@@ -537,7 +541,13 @@ void attn_bwd_impl(const AttnBwd& a) {  // its preamble of tiling sizes is attn_
         int64_t ldk, ldv;
         const float* Kb = kv_rows<Ops, S>(s.k, s.ks, b, hkv, kb, n, D, Dp, true, Kc, &ldk);
         const float* Vb = kv_rows<Ops, S>(s.v, s.vs, b, hkv, kb, n, D, Dp, false, Vc, &ldv);
-        Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+        if (small) {
+          std::memset(St, 0, sizeof(float) * BN * Mp);  // columns past M stay 0 (qk_small skips them)
+          for (int64_t r = 0; r < Mp; ++r) mxs[r] = kNegInf;
+          Ops::qk_small(n, M, Dp, Kb, ldk, Qr, St, mxs);  // mxs: a throwaway max
+        } else {
+          Ops::gemm(n, Mp, D, Kb, ldk, 1, Qt, Mp, St, Mp, false);
+        }
         if (s.mask != nullptr || kb + n > kmin) apply_mask(s, info, M, kb, n, St, Mp, sc.cm);
         Ops::exp2_block(St, n, Mp, Mp, mrow, sc.cb, linv, nullptr);  // P^T
         float* dKb = dKa + (kb - c0) * Dp;
