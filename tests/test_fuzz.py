@@ -17,15 +17,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_common import causal_keep, decode_torch, torch_attention
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from test_rope import eager_rope
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (the test extra installs it)")
-from attention_common import causal_keep, decode_torch, torch_attention  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from test_rope import eager_rope  # noqa: E402
-
-import fastllm  # noqa: E402
-from fastllm.testing import assert_equivalent  # noqa: E402
+import fastllm
+from fastllm.testing import assert_equivalent
 
 EXAMPLES = int(os.environ.get("FASTLLM_FUZZ_EXAMPLES", "20"))
 FUZZ = settings(
