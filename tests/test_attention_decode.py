@@ -70,9 +70,15 @@ def test_decode_cpp_scale_and_float64(need_backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_decode_shorter_than_new_tokens(need_backend, backend):
-    """len < Sn: new token t sees keys j <= len - Sn + t, the first Sn - len tokens see none (zeros)."""
-    check_decode(2, 4, 2, 8, 20, 32, [3, 20], torch.float32, need_backend(backend))
+def test_decode_shorter_than_new_tokens_is_refused(need_backend, backend):
+    """0 < len < Sn: the Sn new tokens cannot be the last ones of a sequence of len tokens; a ValueError naming
+    cache_seqlens on every backend (before issue 15: zero rows for the first Sn - len tokens, silently). len = 0
+    still returns zeros (test_decode's cases)."""
+    need_backend(backend)
+    q, kc, vc = torch.randn(2, 4, 8, 32), torch.randn(2, 2, 20, 32), torch.randn(2, 2, 20, 32)
+    lens = torch.tensor([3, 20], dtype=torch.int32)
+    with fastllm.backend(backend), pytest.raises(ValueError, match=r"cache_seqlens must count the 8 new tokens.*\[3\]"):
+        fastllm.decode_attention(q, kc, vc, lens)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])

@@ -129,9 +129,33 @@ def from_hf(hf_model, dtype=None, device=None):
     return _build(d, hf_model.state_dict(), dtype, device)
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _shard(path: str, name) -> str:
+    """The file of a shard named by the index's weight_map: a .safetensors file given relative to `path`, inside it.
+    Refused: pickle files (loading one can run code; fastllm never unpickles), absolute paths and `..` (an index
+    must not make us read files elsewhere). The check is on the name, not the resolved path: a Hugging Face cache
+    snapshot holds its shards as symlinks into ../../blobs, which are the user's own files."""
+    index = "model.safetensors.index.json"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"from_pretrained: {index} names a shard {name!r}, not a file name")
+    if name.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"from_pretrained: {index} names the pickle file {name!r}; only safetensors are read, "
+                         "never pickle files (loading one can run arbitrary code)")  # fmt: skip
+    if not name.endswith(".safetensors"):
+        raise ValueError(f"from_pretrained: {index} names {name!r}, not a .safetensors file")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or os.path.splitdrive(name)[0]:
+        raise ValueError(f"from_pretrained: {index} names the shard {name!r} outside the model directory "
+                         f"{path!r}; shards must be files inside it")  # fmt: skip
+    return os.path.join(path, name)
+
+
 def from_pretrained(path, dtype=None, device=None):
     """Our model from a local Hugging Face directory: config.json + model.safetensors (or a sharded
-    model.safetensors.index.json). dtype defaults to the config's dtype (else float32)."""
+    model.safetensors.index.json, whose shards must be .safetensors files inside `path`: pickle files and paths
+    outside it are refused). dtype defaults to the config's dtype (else float32)."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
@@ -152,7 +176,7 @@ def from_pretrained(path, dtype=None, device=None):
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"from_pretrained: {index} has no weight_map")
-        files = sorted({os.path.join(path, v) for v in weight_map.values()})
+        files = sorted({_shard(path, v) for v in weight_map.values()})
         for fn in files:
             if not os.path.isfile(fn):
                 raise ValueError(f"from_pretrained: shard {os.path.basename(fn)} named by the index is missing")

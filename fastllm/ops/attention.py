@@ -189,7 +189,14 @@ def _check_qkv(op: str, q, k, v, names=("q", "k", "v")) -> None:
     if D == 0 or v.shape[3] == 0:
         raise ValueError(f"{op}: head_dim must be >= 1, got {nq}/{nk} {D} and {nv} {v.shape[3]}")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hq == 0:  # a shape mistake (no head to attend with), not an empty batch or sequence: refused, named
+        raise ValueError(f"{op}: {nq} has 0 heads, shape {tuple(q.shape)} (batch, heads, seq, head_dim); need >= 1")
+    if Hkv == 0:
+        raise ValueError(
+            f"{op}: {nk}/{nv} have 0 heads, shape {tuple(k.shape)} (batch, heads, seq, head_dim); query heads ({Hq})"
+            " must be a multiple of key/value heads (>= 1)"
+        )
+    if Hq % Hkv != 0:
         raise ValueError(
             f"{op}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) (GQA/MQA groups of equal size)"
         )
@@ -209,7 +216,9 @@ def _check_mask(op: str, mask, q, Sk: int) -> None:
         raise ValueError(f"{op}: attn_mask of shape {tuple(mask.shape)} does not broadcast to {full} (B, Hq, Sq, Sk)")
 
 
-def _check_kv_len(op: str, kv_len, q, Sk: int) -> None:
+def _check_kv_len(op: str, kv_len, q, Sk: int, new_tokens: int = 0) -> None:
+    """new_tokens: decode_attention's Sn, which each length must cover (0 or >= Sn: the new tokens are inside it);
+    0 for the op itself, where a row that sees no key returns zeros by definition."""
     if kv_len is None:
         return
     check_tensor(op, "cache_seqlens", kv_len)
@@ -232,6 +241,13 @@ def _check_kv_len(op: str, kv_len, q, Sk: int) -> None:
             raise ValueError(
                 f"{op}: cache_seqlens must lie in [0, {Sk}] (the cache length), got values in [{lo}, {hi}]"
             )
+        if lo < new_tokens:  # (lo >= 0 here; lo < Sn, so Sn >= 2: one short length at least, or a 0)
+            short = sorted({n for n in kv_len.tolist() if 0 < n < new_tokens})
+            if short:
+                raise ValueError(
+                    f"{op}: cache_seqlens must count the {new_tokens} new tokens of q (0 or >= {new_tokens}: the "
+                    f"new tokens are the last ones of each sequence), got {short[:8]}"
+                )
 
 
 def _fwd_check(q, k, v, mask, kv_len, causal, bottom_right, scale):
@@ -533,13 +549,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None) -> torch
     q (B, Hq, Sn, D) with small Sn (1..16); k_cache/v_cache (B, Hkv, S_max, D); cache_seqlens (B,) int32:
     valid cache length per sequence, *including* the Sn new tokens, which must already be written at
     positions len - Sn .. len - 1. New token t sees cache positions j <= len - Sn + t (causal within the
-    new tokens); a sequence with len = 0 returns zeros. Split over the keys (flash-decoding) so that one
-    long sequence still fills the machine.
+    new tokens); a sequence with len = 0 returns zeros, and 0 < len < Sn is a ValueError (checked, like the
+    range [0, S_max], on CPU tensors: on CUDA it would cost a sync per call). Split over the keys
+    (flash-decoding) so that one long sequence still fills the machine.
     """
     op = "decode_attention"
     _tensors(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     _check_qkv(op, q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
-    _check_kv_len(op, cache_seqlens, q, k_cache.shape[2])
+    _check_kv_len(op, cache_seqlens, q, k_cache.shape[2], new_tokens=q.shape[2])
     # (prevalidated: the checks above are _fwd_check's, with the argument names of this function)
     args = (q, k_cache, v_cache, None, cache_seqlens, True, True, _scale(op, scale, q.shape[-1]))
     out, _ = attention_fwd.prevalidated(*args)

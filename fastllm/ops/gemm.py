@@ -529,7 +529,8 @@ fused_gated_ffn_fwd = _gemm_op(
 
 
 def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    # isinstance: a non-tensor (a float bias) reaches the validation, which names it, not an AttributeError here
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def _flat(op: str, x):

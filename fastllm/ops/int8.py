@@ -151,7 +151,9 @@ def _quant_cpp(x, dim):
     M, K = rows.shape
     q = torch.empty(M, K, dtype=torch.int8)
     scale = torch.empty(M, dtype=torch.float32)
-    if M:
+    if M and not K:  # empty slices: all-zero, so scale 1 (the reference's rule; the kernel takes K >= 1)
+        scale.fill_(1.0)
+    elif M:
         _ext.C.quantize_rows(
             q=q.data_ptr(), scale=scale.data_ptr(), x=rows.data_ptr(), M=M, K=K,
             x_stride=rows.stride(0), dtype=_ext.DTYPE_CODES[x.dtype], nthreads=_ext.num_threads(M * K),

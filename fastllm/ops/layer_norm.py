@@ -355,7 +355,8 @@ def layer_norm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-5) -> to
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight=None, bias=None, eps: float = 1e-5):
     """(layer_norm(x + residual), x + residual) in one pass over memory: the pre-norm block pattern."""
-    out = _lean(_add_layer_norm, x, residual, weight, bias, eps, False)
+    # residual None is a caller's error (named by the op's validation), not the plain norm of the lean lane
+    out = _lean(_add_layer_norm, x, residual, weight, bias, eps, False) if residual is not None else None
     if out is not None:
         return out
     _tensors("add_layer_norm", x=x, residual=residual, weight=weight, bias=bias)
@@ -373,7 +374,7 @@ def rms_norm(x: torch.Tensor, weight=None, eps: float = 1e-6) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight=None, eps: float = 1e-6):
     """(rms_norm(x + residual), x + residual) in one pass over memory."""
-    out = _lean(_add_rms_norm, x, residual, weight, None, eps, True)
+    out = _lean(_add_rms_norm, x, residual, weight, None, eps, True) if residual is not None else None
     if out is not None:
         return out
     _tensors("add_rms_norm", x=x, residual=residual, weight=weight)
