@@ -712,3 +712,89 @@ def bench_encoder(benchmark, harness, use_compile, p):
     if why:
         warnings.warn(f"{_encoder_id(p)}: no HF torch.compile row ({why})", stacklevel=1)
     harness.run_case(benchmark, make_encoder_case(name, dtype, why is None))
+
+
+# --------------------------------------------------------------------------------------------------
+# fastllm.accelerate on the HF encoders (issue 13): the same HF models, the same weights, accelerated in place
+#
+# Rows: "fastllm.accelerate" (a copy of the HF fp32 eager model sharing its Parameters, after fastllm.accelerate:
+# attention through attn_implementation "fastllm", the MLPs / BERT's post-norm outputs / LayerNorms swapped),
+# "fastllm zoo" (fastllm.models.from_hf on the same weights), HF "eager" (the baseline), "sdpa" and (fp32, not
+# --bench-quick) "torch.compile". Targets (issue 13): accelerated fp32 >= 1.25x HF SDPA, within 15% of the zoo.
+
+ACCEL_ENCODERS = ("minilm", "vit-b16", "clip-b32")
+_ACCEL: dict = {}
+
+
+def _accelerated(name, dtype):
+    key = (name, dtype)
+    if key not in _ACCEL:
+        base = _ENC.hf(name, dtype)
+        m = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
+        _ACCEL[key] = fastllm.accelerate(m)
+    return _ACCEL[key]
+
+
+def make_accelerate_case(name, dtype, with_compile):
+    case = make_encoder_case(name, dtype, with_compile)
+    zoo = case.impls.pop("fastllm")
+    accel = _hf_enc(name, _accelerated(name, dtype), dtype)
+    case.impls = {"fastllm.accelerate": Impl(accel), "fastllm zoo": zoo, **case.impls}
+    case.op = f"{case.op} accelerate"
+    return case
+
+
+@pytest.mark.parametrize("p", cases([(n, dt) for n in ACCEL_ENCODERS for dt in (torch.float32, torch.bfloat16)],
+                                    _encoder_id, lambda p: p == ("minilm", torch.float32)))  # fmt: skip
+def bench_accelerate(benchmark, harness, use_compile, p):
+    _cpu_only()
+    name, dtype = p
+    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
+           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    if why:
+        warnings.warn(f"{_encoder_id(p)}: no HF torch.compile row ({why})", stacklevel=1)
+    harness.run_case(benchmark, make_accelerate_case(name, dtype, why is None))
+
+
+# Llama decode accelerated (issue 13): HF generate on a copy of the HF SDPA model sharing its Parameters, after
+# fastllm.accelerate (attention "fastllm", rotary, RMSNorm, gated MLP swapped; q/k/v/o and lm_head stay
+# nn.Linear), against the rows of bench_llama's decode case ("fastllm zoo" = fastllm.models.generate).
+# Target (issue 13): fp32 B=1 >= 2x HF SDPA.
+
+
+def _llama_accelerated(dtype):
+    key = ("accelerate", dtype)
+    if key not in _MODELS._m:
+        base = _MODELS.hf(dtype, "sdpa")
+        m = copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
+        _MODELS._m[key] = fastllm.accelerate(m)
+    return _MODELS._m[key]
+
+
+def make_accelerate_decode_case(B, dtype, n, with_compile):
+    case, row_bytes = make_decode_case(B, dtype, n, with_compile)
+    ids = _prompt(B)
+    ref = _MODELS.ref_tokens(ids, n)[:, PROMPT:]  # (B, n)
+    accel = _judged(_Split(_hf_start(_llama_accelerated(dtype), ids, n)), ref)
+    zoo = case.impls.pop("fastllm")
+    case.impls = {"fastllm.accelerate": accel, "fastllm zoo": zoo, **case.impls}
+    case.op = f"{case.op} accelerate"
+    row_bytes["fastllm.accelerate"] = row_bytes["sdpa"]  # (HF's weights, as the SDPA row)
+    return case, row_bytes
+
+
+@pytest.mark.parametrize("p", cases([(1, torch.float32), (1, torch.bfloat16)], lambda p: f"cpu-decode-B{p[0]}-"
+                                    f"{dtype_name(p[1])}", lambda p: p == (1, torch.float32)))  # fmt: skip
+def bench_accelerate_llama(benchmark, harness, use_compile, p):
+    _cpu_only()
+    B, dtype = p
+    n = QUICK_NEW if harness.quick else NEW
+    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
+           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    if why:
+        warnings.warn(f"accelerate llama B{B} {dtype_name(dtype)}: no HF torch.compile row ({why})", stacklevel=1)
+    case, row_bytes = make_accelerate_decode_case(B, dtype, n, why is None)
+    try:
+        harness.run_case(benchmark, case)
+    finally:
+        _annotate(harness, case, row_bytes, tokens=B * (n - 1))

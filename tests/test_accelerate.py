@@ -657,7 +657,7 @@ def test_hf_attention_off_keeps_attention(transformers):
     model = fastllm.accelerate(_decoder(transformers, "qwen2"), attention=False)
     assert model.config._attn_implementation == "sdpa"
     assert ("", "Qwen2ForCausalLM", "attention=False") in model.fastllm_report.kept
-    assert {r for _, _, r in model.fastllm_report.replaced} == {"rms_norm"}
+    assert {r for _, _, r in model.fastllm_report.replaced} == {"rms_norm", "fused_gated_ffn"}
 
 
 def test_mha_bad_mask_shape_raises_torchs_error():
@@ -672,7 +672,8 @@ def test_hf_report_kept_when_norm_off(transformers):
     model = fastllm.accelerate(_bert(transformers), norm=False)
     kept = model.fastllm_report.kept
     assert kept and all(r == "norm=False" and c == "LayerNorm" for _, c, r in kept)
-    assert [c for _, c, _ in model.fastllm_report.replaced] == ["BertModel"]
+    replaced = [c for _, c, _ in model.fastllm_report.replaced]
+    assert replaced == ["BertModel"] + ["BertSelfOutput", "BertIntermediate", "BertOutput"] * 2  # (mlp rules)
 
 
 def test_torch_compile_accelerated_llama(transformers):

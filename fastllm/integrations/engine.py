@@ -21,8 +21,8 @@ rule is about this module, `check(module)` returns None or the reason to decline
 reported), `apply(module)` swaps it. `kind` is "attention", "mlp" or "norm" (the flags of accelerate) or "model"
 (a model-level rule; it follows the attention flag). Adding a family = adding rows (fastllm/integrations/torch_nn.py,
 fastllm/integrations/hf.py). The engine walks `model.named_modules()` once; the first matching rule decides a
-module. There is no "mlp" rule yet (fused MLPs and post-norm fusion are the next part of issue 13): mlp=True is
-accepted and changes nothing today.
+module. The "mlp" rules (fused MLPs, BERT's output projection + residual + post-norm) are transformers' (hf_mlp.py)
+and the FFN of torch.nn's Transformer layers (torch_nn.py).
 
 Refused: a model quantized by another library (torch.ao quantized modules, bitsandbytes / GPTQ / AWQ-style layer
 classes, a transformers `config.quantization_config`): the rules read float weights.

@@ -27,6 +27,11 @@ Versions: the rules are written for transformers SUPPORTED (>=5.0,<6: the Attent
 AttentionMaskInterface registries, set_attn_implementation, the (module, q, k, v, mask, dropout, scaling) call);
 outside that range the model-level rule declines (attention kept, and the report says why).
 
+Rotary: the Llama / Mistral / Qwen2 attention modules rotate q and k with fastllm.rotary_embedding (the section
+"Rotary" below: their forward is transformers' own code, with that one function swapped).
+
+MLPs and BERT's output projection + residual + post-norm: fastllm/integrations/hf_mlp.py.
+
 Norms: LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm -> fastllm.rms_norm. HF computes x * rsqrt(mean(x^2) + eps)
 in fp32, rounds it to x's dtype, then multiplies by the weight (a second rounding in 16-bit); fastllm.rms_norm
 rounds once. Both are within the criterion of the float64 reference (tests/test_accelerate.py checks it in bf16).
@@ -34,16 +39,21 @@ rounds once. Both are within the criterion of the float64 reference (tests/test_
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
+import weakref
 
 import torch
 
 from fastllm.integrations.engine import Rule, original_forward, swap
 from fastllm.ops.attention import scaled_dot_product_attention
 from fastllm.ops.layer_norm import rms_norm
+from fastllm.ops.rope import rotary_embedding
 
 NAME = "fastllm"
 # transformers 5.x: the AttentionInterface / AttentionMaskInterface registries and set_attn_implementation.
@@ -56,7 +66,8 @@ _HOOKED_MODULE = "transformers.modeling_utils"
 
 def _eager(module):
     """The model's own eager attention (each modeling file defines one), else transformers' SDPA function."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    cls = getattr(type(module), "_fastllm_original", type(module))  # (an accelerated module: its original class)
+    fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
     return fn if fn is not None else _sdpa()
 
 
@@ -123,6 +134,144 @@ def install() -> None:
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary: Llama / Mistral / Qwen2 attention with q and k rotated by fastllm.rotary_embedding.
+#
+# In transformers 5.x q and k reach the attention function already rotated: the attention module's forward calls
+# its modeling file's `apply_rotary_pos_emb(q, k, cos, sin)` (cos, sin (B or 1, S, D) in x's dtype, from the
+# model's rotary_emb) before the cache update and the AttentionInterface call. Decision: the rule does not copy
+# that forward (the part of transformers that changes most between versions). The Fast class's forward is the
+# *same code object* as the original forward, rebuilt once per class over a copy of its modeling file's globals
+# (taken at the first accelerate) in which the one name `apply_rotary_pos_emb` is fastllm's; everything else the
+# forward does (projections, the cache, the kwargs, the interface, o_proj, whatever a later 5.x adds) is
+# transformers' own. A decorator wrapping the forward (Llama's deprecate_kwarg) is rebuilt around the new
+# function, its closure otherwise unchanged.
+#
+# The replacement takes HF's own cos / sin as the op's tables: P = B' x S rows of the first D / 2 columns
+# (HF's rotate_half layout duplicates them: checked), positions = arange(P) as (B', S). So every rope type
+# (default, llama3, yarn's attention_scaling, ...) is rotated with exactly HF's angles, in one pass over q and k
+# with one rounding (HF: ~12 elementwise ops, three roundings in 16-bit). The tables are built once per forward
+# (the same cos object is passed to every layer). HF's function runs instead when the call is not that layout
+# (unsqueeze_dim != 1, cos of another dtype than q, a cos that requires grad). Under torch.compile tracing the
+# module runs its original forward (dynamo builds its guards from the modeling file's real globals).
+
+
+def _hf_tables(cos, sin, B, S, D):
+    """(cos, sin, positions) for fastllm.rotary_embedding from HF's (B' or 1, S, D) cos / sin, or None."""
+    half = D // 2
+    Bc = cos.shape[0]
+    c, s_ = cos.reshape(Bc * S, D), sin.reshape(Bc * S, D)  # (P, D)
+    if not (torch.equal(c[:, :half], c[:, half:]) and torch.equal(s_[:, :half], s_[:, half:])):
+        return None  # (not the rotate_half layout of duplicated halves)
+    positions = torch.arange(Bc * S, dtype=torch.int32, device=cos.device).view(Bc, S)
+    return c[:, :half].float().contiguous(), s_[:, :half].float().contiguous(), positions
+
+
+_ROPE_CACHE: list = [None]  # [(weakref(cos), weakref(sin), tables)]: the last forward's tables
+
+
+def _rope_args(q, k, cos, sin, unsqueeze_dim):
+    if unsqueeze_dim != 1 or not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+        return None
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape or torch.compiler.is_compiling():
+        return None
+    B, _, S, D = q.shape
+    if (cos.shape[0] not in (1, B) or cos.shape[1:] != (S, D) or D % 2 or k.shape[0] != B or k.shape[2:] != (S, D)
+            or not (q.dtype == k.dtype == cos.dtype == sin.dtype) or cos.requires_grad or sin.requires_grad
+            or not (q.device == k.device == cos.device)):  # fmt: skip
+        return None
+    hit = _ROPE_CACHE[0]
+    if hit is not None and hit[0]() is cos and hit[1]() is sin:
+        return hit[2]
+    tables = _hf_tables(cos, sin, B, S, D)
+    with contextlib.suppress(TypeError):  # (a tensor subclass without weak references: no cache)
+        _ROPE_CACHE[0] = (weakref.ref(cos), weakref.ref(sin), tables)
+    return tables
+
+
+def _make_fast_apply_rotary(hf_apply):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
+        """fastllm.rotary_embedding when the call is HF's rotate_half layout (see above), else HF's function."""
+        args = None if kwargs else _rope_args(q, k, cos, sin, unsqueeze_dim)
+        if args is None:
+            return hf_apply(q, k, cos, sin, unsqueeze_dim, **kwargs)
+        return rotary_embedding(q, k, *args)  # (B, Hq, S, D), (B, Hkv, S, D), contiguous
+
+    return apply_rotary_pos_emb
+
+
+def _rebuild(fn, globals_: dict):
+    """fn with the same code, defaults and closure over `globals_`; through decorators (functools.wraps):
+    the wrapper is rebuilt with its cell holding the rebuilt inner function."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is not None:
+        new_inner = _rebuild(inner, globals_)
+        cells = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in fn.__closure__ or ())
+        if not any(c.cell_contents is new_inner for c in cells):
+            raise TypeError("the decorator does not hold the function in its closure")
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    else:
+        new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    functools.update_wrapper(new, fn)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    else:
+        new.__dict__.pop("__wrapped__", None)
+    return new
+
+
+def _innermost(fn):
+    while getattr(fn, "__wrapped__", None) is not None:
+        fn = fn.__wrapped__
+    return fn
+
+
+_ROPE_MIXINS: dict = {}  # original attention class -> its mixin (forward rebuilt over fastllm's rotary)
+
+
+def _rope_mixin(cls):
+    mixin = _ROPE_MIXINS.get(cls)
+    if mixin is None:
+        fwd = cls.forward
+        g = dict(_innermost(fwd).__globals__)
+        g["apply_rotary_pos_emb"] = _make_fast_apply_rotary(g["apply_rotary_pos_emb"])
+        rebuilt = _rebuild(fwd, g)
+
+        def forward(self, *args, **kwargs):
+            if torch.compiler.is_compiling():  # (dynamo traces transformers' forward: its guards need real globals)
+                return original_forward(self, *args, **kwargs)
+            return rebuilt(self, *args, **kwargs)
+
+        forward.__wrapped__ = rebuilt
+        mixin = type("_FastRopeAttention", (), {"forward": forward})
+        _ROPE_MIXINS[cls] = mixin
+    return mixin
+
+
+_HF_ROPE_ATTENTIONS = frozenset((f"transformers.models.{f}.modeling_{f}", f"{c}Attention")
+                                for f, c in (("llama", "Llama"), ("mistral", "Mistral"),
+                                             ("qwen2", "Qwen2")))  # fmt: skip
+
+
+def _is_rope_attention(m) -> bool:
+    return (type(m).__module__, type(m).__name__) in _HF_ROPE_ATTENTIONS
+
+
+def _check_rope_attention(m) -> str | None:
+    fwd = type(m).forward
+    inner = _innermost(fwd)
+    if not isinstance(inner, types.FunctionType) or "apply_rotary_pos_emb" not in inner.__code__.co_names:
+        return "its forward does not call apply_rotary_pos_emb (not the layout this rule was written for)"
+    if not callable(inner.__globals__.get("apply_rotary_pos_emb")):
+        return "no apply_rotary_pos_emb in its modeling file (not the layout this rule was written for)"
+    try:
+        _rope_mixin(type(m))
+    except (TypeError, ValueError, AttributeError) as e:
+        return f"its forward could not be rebuilt over fastllm's rotary ({e})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,9 +356,14 @@ def rules() -> list[Rule]:
     """The transformers rows (built when transformers is imported: they match its classes)."""
     from transformers import PreTrainedModel
 
+    from fastllm.integrations import hf_mlp
+
     return [
         Rule("transformers", "model", "attn_implementation='fastllm'", lambda m: isinstance(m, PreTrainedModel),
              _check_model, _apply_model, _undo_model, subtree=True),
+        Rule("transformers", "attention", "rotary_embedding", _is_rope_attention, _check_rope_attention,
+             lambda m: swap(m, _rope_mixin(type(m)))),
         Rule("transformers", "norm", "rms_norm", _is_hf_rms_norm, _check_rms_norm,
              lambda m: swap(m, _FastHFRMSNorm)),
+        *hf_mlp.rules(),
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""torch.nn rules: LayerNorm, RMSNorm, MultiheadAttention, TransformerEncoderLayer, TransformerEncoder.
+"""torch.nn rules: LayerNorm, RMSNorm, MultiheadAttention, TransformerEncoderLayer / DecoderLayer, TransformerEncoder.
 
     nn.LayerNorm          -> fastllm.layer_norm(x, weight, bias, eps)     normalized_shape of one dim (the op's)
     nn.RMSNorm            -> fastllm.rms_norm(x, weight, eps)             eps None = finfo(x.dtype).eps (torch's)
@@ -6,7 +6,10 @@
                              fastllm.scaled_dot_product_attention, then fastllm.linear (out_proj)
     nn.TransformerEncoderLayer -> torch's own "slow path" (its self_attn and norms are the rows above), never the
                              native fused kernel (torch._transformer_encoder_layer_fwd reads the weights itself and
-                             would bypass the swapped submodules)
+                             would bypass the swapped submodules); its feed-forward block one fastllm.fused_ffn
+                             (relu / gelu; torch's block otherwise)
+    nn.TransformerDecoderLayer -> the feed-forward block as fastllm.fused_ffn (kind "mlp": torch's decoder layer has
+                             no native path; its attentions and norms are the rows above, swapped on their own)
     nn.TransformerEncoder -> the nested-tensor ("sparsity") fast path off: it would hand the layers nested tensors
 
 MultiheadAttention masks, as F.multi_head_attention_forward reads them: key_padding_mask (N, S) and attn_mask
@@ -27,7 +30,7 @@ from torch.nn import functional as F
 
 from fastllm.integrations.engine import Rule, original_forward, swap
 from fastllm.ops.attention import scaled_dot_product_attention
-from fastllm.ops.gemm import linear
+from fastllm.ops.gemm import fused_ffn, linear
 from fastllm.ops.layer_norm import layer_norm, rms_norm
 from fastllm.ops.qkv import qkv_projection
 
@@ -154,7 +157,37 @@ class _FastMultiheadAttention:
 # TransformerEncoderLayer / TransformerEncoder.
 
 
-class _FastTransformerEncoderLayer:
+_ACT_FUNCTIONS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
+
+
+def _layer_activation(act) -> str | None:
+    """The fastllm name of a Transformer layer's activation (torch stores F.relu / F.gelu, or the module given)."""
+    if isinstance(act, nn.Module):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate) if type(act) is nn.GELU else (
+            {nn.ReLU: "relu", nn.SiLU: "silu"}.get(type(act)))  # fmt: skip
+    try:
+        return _ACT_FUNCTIONS.get(act)
+    except TypeError:  # (an unhashable callable)
+        return None
+
+
+class _FastFeedForward:
+    """The feed-forward block of nn.TransformerEncoderLayer / DecoderLayer, linear2(dropout(act(linear1(x)))) then
+    the block's last dropout, as one fastllm.fused_ffn; torch's own _ff_block when a dropout is active (training,
+    p > 0), the activation is not one the op has, a linear was replaced (quantize_), or the dtypes mix."""
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        l1, l2 = self.linear1, self.linear2
+        act = _layer_activation(self.activation)
+        drop = self.training and any(getattr(self, n).p > 0.0 for n in ("dropout", "dropout2", "dropout3")
+                                     if isinstance(getattr(self, n, None), nn.Dropout))  # fmt: skip
+        if (act is None or drop or type(l1) is not nn.Linear or type(l2) is not nn.Linear or x.is_nested
+                or not _same_dtype(x, l1.weight, l1.bias, l2.weight, l2.bias)):  # fmt: skip
+            return type(self)._fastllm_original._ff_block(self, x)
+        return fused_ffn(x, l1.weight, l2.weight, b1=l1.bias, b2=l2.bias, activation=act)  # (..., d_model)
+
+
+class _FastTransformerEncoderLayer(_FastFeedForward):
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         if src.is_nested:  # (only torch's native fast path takes nested tensors)
             return original_forward(self, src, src_mask, src_key_padding_mask, is_causal)
@@ -173,6 +206,19 @@ class _FastTransformerEncoderLayer:
             x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
             x = self.norm2(x + self._ff_block(x))
         return x
+
+
+class _FastTransformerDecoderLayer(_FastFeedForward):
+    """torch's TransformerDecoderLayer has no native fast path: its self_attn and multihead_attn (cross-attention)
+    are the MultiheadAttention rows, its norms the LayerNorm rows; this row fuses the feed-forward block."""
+
+
+def _check_layer_ffn(m) -> str | None:
+    if type(m.linear1) is not nn.Linear or type(m.linear2) is not nn.Linear:
+        return "linear1 / linear2 are not nn.Linear (not the layout this rule was written for)"
+    if _layer_activation(m.activation) is None:
+        return f"activation {getattr(m.activation, '__name__', type(m.activation).__name__)} has no fused equivalent"
+    return None
 
 
 def _set_nested(self, value) -> None:
@@ -200,6 +246,8 @@ RULES = [
          lambda m: swap(m, _FastMultiheadAttention)),
     Rule("torch.nn", "attention", "encoder_layer_slow_path", _is(nn.TransformerEncoderLayer), _no_check,
          lambda m: swap(m, _FastTransformerEncoderLayer)),
+    Rule("torch.nn", "mlp", "fused_ffn", _is(nn.TransformerDecoderLayer), _check_layer_ffn,
+         lambda m: swap(m, _FastTransformerDecoderLayer)),
     Rule("torch.nn", "attention", "no_nested_tensor", _is(nn.TransformerEncoder), _no_check,
          lambda m: swap(m, _FastTransformerEncoder)),
 ]  # fmt: skip
