@@ -693,3 +693,28 @@ def test_torch_nn_quantize_filter_names():
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
     f = torch_nn.quantize_filter(model)
     assert not f(None, "0.out_proj") and f(None, "1")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_projections_and_lm_head_on_fastllm_linear(transformers, kind):
+    """The Llama-family rules put the attention projections and the LM head on fastllm.linear (no torch GEMM left in
+    a decode step): listed as replaced, the logits unchanged within the criterion (the tests above), the exact
+    nn.Linear class back after restore()."""
+    from fastllm.integrations.torch_nn import FastLinearMixin
+
+    model = _decoder(transformers, kind)
+    ids = torch.randint(0, V, (2, 7))
+    with torch.inference_mode():
+        before = model(ids).logits
+    fastllm.accelerate(model)
+    attn = model.model.layers[0].self_attn
+    swapped = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, model.lm_head]
+    assert all(isinstance(m, FastLinearMixin) and isinstance(m, torch.nn.Linear) for m in swapped)
+    names = {n for n, _, rule in model.fastllm_report.replaced if rule == FastLinearMixin._fastllm_rule_name}
+    assert {"lm_head", "model.layers.1.self_attn.o_proj"} <= names
+    with torch.inference_mode(), fastllm.explain() as log:
+        after = model(ids).logits
+    assert any(d.op.startswith("linear") for d in log), [str(d) for d in log][:5]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # (the float64 criterion: the tests above)
+    fastllm.restore(model)
+    assert all(type(m) is torch.nn.Linear for m in swapped)

@@ -189,10 +189,15 @@ def accelerate(model: nn.Module, *, attention: bool = True, mlp: bool = True, no
     report = Report(versions=_versions())
     rules = _rules()
     done_subtrees: list[tuple[str, Rule]] = []
+    before = {id(m) for _, m in model.named_modules() if is_accelerated(m)}
     for name, m in model.named_modules():
         cname = type(m).__name__
         if is_accelerated(m):
-            report.already.append((name, type(m)._fastllm_original.__name__))
+            if id(m) in before:
+                report.already.append((name, type(m)._fastllm_original.__name__))
+            else:  # swapped by its parent's rule in this call (the projections of an attention, an LM head)
+                rule_name = getattr(type(m), "_fastllm_rule_name", "(with its parent)")
+                report.replaced.append((name, type(m)._fastllm_original.__name__, rule_name))
             continue
         rule = next((r for r in rules if r.match(m)), None)
         if rule is None:

@@ -51,6 +51,7 @@ import weakref
 import torch
 
 from fastllm.integrations.engine import Rule, original_forward, swap
+from fastllm.integrations.torch_nn import swap_linear
 from fastllm.ops.attention import scaled_dot_product_attention
 from fastllm.ops.layer_norm import rms_norm
 from fastllm.ops.rope import rotary_embedding
@@ -260,6 +261,18 @@ def _is_rope_attention(m) -> bool:
     return (type(m).__module__, type(m).__name__) in _HF_ROPE_ATTENTIONS
 
 
+def _is_rope_decoder(m) -> bool:
+    return any(_is_rope_attention(s) for s in m.modules())
+
+
+def _apply_rope_attention(m) -> None:
+    """The attention with fastllm's rotary, and its q / k / v / o projections on fastllm.linear: with the MLP, the
+    norms and the LM head (the model rule) a decode step then calls no torch GEMM (FastLinearMixin says why)."""
+    swap(m, _rope_mixin(type(m)))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        swap_linear(getattr(m, name, None))
+
+
 def _check_rope_attention(m) -> str | None:
     fwd = type(m).forward
     inner = _innermost(fwd)
@@ -345,6 +358,8 @@ def _apply_model(m) -> None:
     register()  # (in case transformers was imported in a way the hook did not see)
     m.set_attn_implementation(NAME)
     m.__dict__["_fastllm_attn_previous"] = list(previous.values())
+    if _is_rope_decoder(m):  # the LM head of a Llama-family causal LM: fastllm.linear (see _apply_rope_attention)
+        swap_linear(getattr(m, "lm_head", None))
 
 
 def _undo_model(m) -> None:
@@ -362,7 +377,7 @@ def rules() -> list[Rule]:
         Rule("transformers", "model", "attn_implementation='fastllm'", lambda m: isinstance(m, PreTrainedModel),
              _check_model, _apply_model, _undo_model, subtree=True),
         Rule("transformers", "attention", "rotary_embedding", _is_rope_attention, _check_rope_attention,
-             lambda m: swap(m, _rope_mixin(type(m)))),
+             _apply_rope_attention),
         Rule("transformers", "norm", "rms_norm", _is_hf_rms_norm, _check_rms_norm,
              lambda m: swap(m, _FastHFRMSNorm)),
         *hf_mlp.rules(),

@@ -59,6 +59,28 @@ class _FastLayerNorm:
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class FastLinearMixin:
+    """nn.Linear -> fastllm.linear (its C++ / Triton GEMM on the weight's packed copy). Not a rule of its own (a model's
+    every nn.Linear is not ours to take: the MLP rules read their layers' weights, and a linear alone gains little);
+    the transformers decoder rules swap the attention projections and the LM head with it, so that a decode step
+    runs on fastllm's thread pool from norm to logits: a torch GEMM between two fastllm ops woke torch's OpenMP
+    workers, which then competed with fastllm's for the second core (issue 13: ~1 ms per torch linear in the model
+    against 55-110 us alone, on 2 cores)."""
+
+    _fastllm_rule_name = "linear (with its parent)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features or not _same_dtype(x, self.weight, self.bias):
+            return original_forward(self, x)
+        return linear(x, self.weight, self.bias)
+
+
+def swap_linear(m) -> None:
+    """Swap `m` for FastLinearMixin's class when it is a plain nn.Linear (anything else: left as it is)."""
+    if type(m) is nn.Linear:
+        swap(m, FastLinearMixin)
+
+
 class _FastRMSNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0] or not _same_dtype(x, self.weight):
