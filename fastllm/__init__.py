@@ -27,6 +27,7 @@ from fastllm.ops import (
     scaled_dot_product_attention,
     w8a16_linear,
 )
+from fastllm.profiling import profile
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "linear",
     "models",
     "nn",
+    "profile",
     "qkv_projection",
     "quantize_",
     "quantize_int8",

@@ -159,8 +159,6 @@ def _qkv_eager(x, w, b):
     return tuple(t.reshape(B, S, h, 8).transpose(1, 2) for t, h in ((q, 2), (k, 1), (v, 1)))
 
 
-PROFILE_BUG = "fastllm/profiling.py (in progress elsewhere): no TypeError / ValueError naming the argument"
-
 CASES: list[Case] = [
     # -------------------------------------------------------------- norms (test_layer_norm.BAD has the others)
     bad("layer_norm", "device", "bias meta", lambda: fastllm.layer_norm(X, W, Bv.to(OTHER)), ValueError, "bias is on"),
@@ -354,8 +352,9 @@ CASES: list[Case] = [
 if hasattr(fastllm, "profile"):  # (fastllm.profile: being written beside this module)
     CASES += [
         bad("profile", "value", "variants without eager", lambda: fastllm.profile(torch.nn.Linear(2, 2), torch.ones(2), variants={"x": abs}), ValueError, "variants need an 'eager' one"),
-        bad("profile", "non_tensor", "model str", lambda: fastllm.profile("model", torch.ones(2)), TypeError, "model", bug=PROFILE_BUG),
-        bad("profile", "value", "rounds 0", lambda: fastllm.profile(torch.nn.Linear(2, 2), torch.ones(2), rounds=0), ValueError, "rounds", bug=PROFILE_BUG),
+        bad("profile", "non_tensor", "model str", lambda: fastllm.profile("model", torch.ones(2)), TypeError, "model"),
+        bad("profile", "value", "rounds 0", lambda: fastllm.profile(torch.nn.Linear(2, 2), torch.ones(2), rounds=0), ValueError, "rounds"),
+        bad("profile", "value", "budget_s -1", lambda: fastllm.profile(torch.nn.Linear(2, 2), torch.ones(2), budget_s=-1), ValueError, "budget_s"),
     ]  # fmt: skip
 
 
