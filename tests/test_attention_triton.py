@@ -382,7 +382,9 @@ def decode_case(dtype, Sn, lens, Hq=4, Hkv=2, S_max=40, D=40):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("sn", [1, 3])
 def test_public_decode_attention(sn, dtype):
-    q, k, v, kn, vn, kv_len = decode_case(dtype, sn, [37, 0, 5, 40, 2])
+    q, k, v, kn, vn, kv_len = decode_case(
+        dtype, sn, [37, 0, 5, 40, 3]
+    )  # (0 < len < sn is refused: test_attention_decode)
     with fastllm.backend("triton"), fastllm.explain() as log:
         out = fastllm.decode_attention(q, kn, vn, kv_len)
     assert [(d.op, d.backend) for d in log] == [("attention_fwd", "triton")], [str(d) for d in log]
