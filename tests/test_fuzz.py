@@ -310,7 +310,10 @@ def test_fuzz_rotary_embedding(B, hkv, group, S, half, extra, dtype, grad, seed)
 
 
 @pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="3x eager's max error on this 9-element example (eager near exact on it)"
+    fastllm._ext.C is not None,  # the C++ kernels' findings: the reference path passes them
+    strict=True,
+    raises=AssertionError,
+    reason="3x eager's max error on this 9-element example (eager near exact on it)",
 )
 def test_finding_add_layer_norm_3x3():
     g = torch.Generator().manual_seed(16)
@@ -324,7 +327,10 @@ def test_finding_add_layer_norm_3x3():
 
 
 @pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="dK 1 element of 224 at 2.0006x eager's max error + floor"
+    fastllm._ext.C is not None,  # the C++ kernels' findings: the reference path passes them
+    strict=True,
+    raises=AssertionError,
+    reason="dK 1 element of 224 at 2.0006x eager's max error + floor",
 )
 def test_finding_flash_attention_dk_causal_3x7():
     g = torch.Generator().manual_seed(64)
