@@ -494,8 +494,7 @@ def bench_llama(benchmark, harness, use_compile, p):
     if kind == "prefill+1st":
         harness.run_case(benchmark, make_ttft_case(B, dtype, n))
         return
-    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
-           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    why = _no_compile_why(use_compile, harness, dtype)
     if why:  # compiling HF's 30-layer decode step took 150 s on 2 cores (Zen 3), again for every dtype and batch
         warnings.warn(f"{_llama_id(p)}: no HF torch.compile row ({why}; it compiles for minutes per dtype and batch "
                       "on a 2-core CPU)", stacklevel=1)  # fmt: skip
@@ -697,6 +696,12 @@ def make_encoder_case(name, dtype, with_compile):
                 names=names)  # fmt: skip
 
 
+def _no_compile_why(use_compile, harness, dtype):
+    """Why a case has no HF torch.compile row (None: it has one): fp32 rows only, not under --bench-quick."""
+    return ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
+            else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+
+
 def _encoder_id(p):
     name, dtype = p
     return f"cpu-{name}-{dtype_name(dtype)}"
@@ -707,8 +712,7 @@ def _encoder_id(p):
 def bench_encoder(benchmark, harness, use_compile, p):
     _cpu_only()
     name, dtype = p
-    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
-           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    why = _no_compile_why(use_compile, harness, dtype)
     if why:
         warnings.warn(f"{_encoder_id(p)}: no HF torch.compile row ({why})", stacklevel=1)
     harness.run_case(benchmark, make_encoder_case(name, dtype, why is None))
@@ -749,16 +753,15 @@ def make_accelerate_case(name, dtype, with_compile):
 def bench_accelerate(benchmark, harness, use_compile, p):
     _cpu_only()
     name, dtype = p
-    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
-           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    why = _no_compile_why(use_compile, harness, dtype)
     if why:
         warnings.warn(f"{_encoder_id(p)}: no HF torch.compile row ({why})", stacklevel=1)
     harness.run_case(benchmark, make_accelerate_case(name, dtype, why is None))
 
 
 # Llama decode accelerated (issue 13): HF generate on a copy of the HF SDPA model sharing its Parameters, after
-# fastllm.accelerate (attention "fastllm", rotary, RMSNorm, gated MLP swapped; q/k/v/o and lm_head stay
-# nn.Linear), against the rows of bench_llama's decode case ("fastllm zoo" = fastllm.models.generate).
+# fastllm.accelerate (attention "fastllm", rotary, RMSNorm, gated MLP, q/k/v/o and lm_head on fastllm.linear),
+# against the rows of bench_llama's decode case ("fastllm zoo" = fastllm.models.generate).
 # Target (issue 13): fp32 B=1 >= 2x HF SDPA.
 
 
@@ -789,8 +792,7 @@ def bench_accelerate_llama(benchmark, harness, use_compile, p):
     _cpu_only()
     B, dtype = p
     n = QUICK_NEW if harness.quick else NEW
-    why = ("--no-compile" if not use_compile else "--bench-quick" if harness.quick
-           else None if dtype == torch.float32 else "fp32 rows only")  # fmt: skip
+    why = _no_compile_why(use_compile, harness, dtype)
     if why:
         warnings.warn(f"accelerate llama B{B} {dtype_name(dtype)}: no HF torch.compile row ({why})", stacklevel=1)
     case, row_bytes = make_accelerate_decode_case(B, dtype, n, why is None)
