@@ -24,6 +24,10 @@ import machine
 import pytest
 import torch
 
+from fastllm.testing import import_torchvision
+
+import_torchvision()  # (before transformers is imported: fastllm.testing.import_torchvision says why)
+
 RESULTS = Path(__file__).parent / "results"
 _HARNESS = harness_mod.Harness()
 

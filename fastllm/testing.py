@@ -196,3 +196,37 @@ def saved_activation_bytes(fn, *args) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
     return total
+
+
+def import_torchvision() -> str:
+    """Import torchvision for the tests and benchmarks of timm / open_clip models; returns "absent", "ok" or
+    "without compiled ops".
+
+    PyPI's torchvision wheel for Linux x86-64 is a CUDA build: beside a CPU torch its compiled ops (_C.so: NMS,
+    RoIAlign, deformable convolution; it links libtorch_cuda) do not load, and its import then fails while
+    registering their meta kernels ("operator torchvision::nms does not exist"), which also breaks every transformers
+    model (transformers imports torchvision when it is installed). The Python part, which is all that timm's and
+    open_clip's Vision Transformers use (transforms, constants), is fine. This imports it without the meta
+    registrations of the ops that did not load: the real torchvision, its detection ops unavailable (calling one
+    raises torch's "no such operator"). Nothing is patched when torchvision imports normally (a CPU build, or a
+    CUDA torch). Call it before anything imports transformers, timm or open_clip (tests/conftest.py and
+    benchmarks/conftest.py do)."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("torchvision") is None:
+        return "absent"
+    try:
+        import torchvision
+
+        return "ok"
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torchvision  # noqa: F401
+
+    return "without compiled ops"

@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
 import pytest
 
 import fastllm._ext
+from fastllm.testing import import_torchvision
+
+# PyPI's torchvision (a CUDA build) fails to import beside the CPU torch, and then breaks transformers too: load it
+# without its compiled ops before any test imports transformers, timm or open_clip (fastllm.testing explains).
+TORCHVISION = import_torchvision()
 
 
 def _interpreter_bf16_rounds_to_nearest_even() -> None:

@@ -344,6 +344,8 @@ def test_import_registers_lazily():
     code = (
         "import sys, fastllm\n"
         "assert 'transformers' not in sys.modules\n"
+        "from fastllm.testing import import_torchvision\n"
+        "import_torchvision()\n"  # (PyPI's CUDA torchvision beside a CPU torch: see tests/conftest.py)
         "import transformers\n"
         "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
         "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"

@@ -79,6 +79,11 @@ def _positive(s: str) -> int:
 
 
 def _transformers():
+    from fastllm.testing import import_torchvision
+
+    if import_torchvision() == "without compiled ops":  # (else transformers itself fails to import: testing.py)
+        print("fastllm profile: torchvision's compiled ops do not load beside this torch (PyPI's CUDA build on a CPU "
+              "torch); loaded its Python part without them", file=sys.stderr)  # fmt: skip
     try:
         import transformers
     except ImportError:

@@ -136,6 +136,12 @@ def _versions() -> dict:
         from fastllm.integrations.hf import SUPPORTED
 
         v["transformers"] = f"{tf.__version__} (rules for {SUPPORTED})"
+    for lib in ("timm", "open_clip"):
+        mod = sys.modules.get(lib)
+        if mod is not None:
+            from fastllm.integrations.vision import SUPPORTED as VISION
+
+            v[lib] = f"{getattr(mod, '__version__', '?')} (rules for {VISION[lib]})"
     return v
 
 
@@ -147,6 +153,11 @@ def _rules() -> list[Rule]:
     from fastllm.integrations import hf, torch_nn
 
     rules = list(torch_nn.RULES)
+    vision_libs = [lib for lib in ("timm", "open_clip") if lib in sys.modules]
+    if vision_libs:
+        from fastllm.integrations import vision
+
+        rules = vision.rules(vision_libs) + rules
     if "transformers" in sys.modules:  # a transformers model can only exist once transformers is imported
         rules = hf.rules() + rules  # (its classes first: they are more specific than torch.nn's)
     return rules

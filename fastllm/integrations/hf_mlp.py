@@ -48,11 +48,19 @@ _HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "
                    "QuickGELUActivation": "quick_gelu", "SiLUActivation": "silu"}  # fmt: skip
 
 
+# timm's and open_clip's activation modules (fastllm/integrations/vision.py): F.gelu, F.gelu(tanh), x sigmoid(1.702 x).
+_OTHER_ACTIVATIONS = {("timm.layers.activations", "GELU"): "gelu", ("timm.layers.activations", "GELUTanh"): "gelu_tanh",
+                      ("timm.layers.activations", "QuickGELU"): "quick_gelu",
+                      ("open_clip.transformer", "QuickGELU"): "quick_gelu"}  # fmt: skip
+
+
 def activation_name(act) -> str | None:
     """The fastllm activation computing exactly what `act` computes, or None."""
     cls = type(act)
     if cls.__module__ == "transformers.activations":
         return _HF_ACTIVATIONS.get(cls.__name__)
+    if (cls.__module__, cls.__name__) in _OTHER_ACTIVATIONS:
+        return _OTHER_ACTIVATIONS[(cls.__module__, cls.__name__)]
     if cls is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     return {nn.ReLU: "relu", nn.SiLU: "silu"}.get(cls)

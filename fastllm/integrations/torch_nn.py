@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastllm.integrations.engine import Rule, original_forward, swap
-from fastllm.ops.attention import scaled_dot_product_attention
+from fastllm.ops.attention import attention_merged, scaled_dot_product_attention
 from fastllm.ops.gemm import fused_ffn, linear
 from fastllm.ops.layer_norm import layer_norm, rms_norm
 from fastllm.ops.qkv import qkv_projection
@@ -154,6 +154,19 @@ class _FastMultiheadAttention:
         args = (query, key, value, key_padding_mask, need_weights, attn_mask)
         if self._fastllm_declines(*args, is_causal):
             return original_forward(self, *args, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return self._fastllm_attend(query, key, value, key_padding_mask, attn_mask, is_causal), None
+
+    def _fastllm_attend_residual(self, x, attn_mask, residual):
+        """residual + self-attention of x (need_weights=False, no key padding): what a pre-norm block computes, the
+        add in out_proj's epilogue; None when the fast path cannot take this call (the caller then runs the module
+        and adds). Used by the block rules of fastllm/integrations/vision.py (open_clip)."""
+        if self._fastllm_declines(x, x, x, None, False, attn_mask, False) or not self.batch_first:
+            return None
+        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
+            return None
+        return self._fastllm_attend(x, x, x, None, attn_mask, False, residual=residual)
+
+    def _fastllm_attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, residual=None):
         E, H = self.embed_dim, self.num_heads
         D = E // H
         self_attention = query is key and key is value
@@ -170,9 +183,13 @@ class _FastMultiheadAttention:
             v = linear(value, w[2 * E :], bv).view(B, S, H, D).transpose(1, 2)
         causal = bool(is_causal) and key_padding_mask is None  # torch's reading of the hint
         mask = None if causal else _merge_masks(attn_mask, key_padding_mask, B, H, L, S, q.dtype)
-        o = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, D)
-        out = linear(o.transpose(1, 2).reshape(B, L, E), self.out_proj.weight, self.out_proj.bias)  # (B, L, E)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        if mask is None:  # the kernel writes the merged-heads layout itself (no torch copy between two of our ops)
+            o = attention_merged(q, k, v, None, causal, D**-0.5)  # (B, L, E)
+        else:
+            o = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, D)
+            o = o.transpose(1, 2).reshape(B, L, E)
+        out = linear(o, self.out_proj.weight, self.out_proj.bias, residual=residual)  # (B, L, E) (+ residual)
+        return out if self.batch_first else out.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
