@@ -720,3 +720,71 @@ def test_decoder_projections_and_lm_head_on_fastllm_linear(transformers, kind):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # (the float64 criterion: the tests above)
     fastllm.restore(model)
     assert all(type(m) is torch.nn.Linear for m in swapped)
+
+
+@pytest.mark.parametrize("side", ["right", "left", "none"])
+def test_hf_padding_mask_as_key_lengths(transformers, side, monkeypatch):
+    """An encoder's right-padding mask becomes key lengths (read once per forward: cached per mask object) and
+    the kernel writes the merged-heads layout; a left-padded mask is not a prefix and keeps the masked path; no
+    padding runs without a mask. Each within the criterion against float64 (padded positions included)."""
+    model = _bert(transformers)
+    ref, ours = _hf64(model), fastllm.accelerate(copy.deepcopy(model))
+    ids = torch.randint(3, V, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = _padded(3, 13, (13, 7, 2) if side != "none" else (13, 13, 13), "left" if side == "left" else "right")
+    merged, masked = [], []
+    monkeypatch.setattr(
+        hf, "attention_merged", lambda *a: merged.append(a[3]) or fastllm.ops.attention.attention_merged(*a)
+    )
+    monkeypatch.setattr(
+        hf,
+        "scaled_dot_product_attention",
+        lambda *a, **k: masked.append(1) or fastllm.ops.attention.scaled_dot_product_attention(*a, **k),
+    )
+    with torch.inference_mode():
+        out, e, r = (m(ids, attention_mask=mask).last_hidden_state for m in (ours, model, ref))
+    assert_equivalent(out, e, r, f"bert {side} padding")
+    if side == "right":
+        assert len(merged) == 2 and not masked and merged[0].tolist() == [13, 7, 2]
+    elif side == "left":
+        assert not merged and len(masked) == 2
+    else:
+        assert len(merged) == 2 and all(lens is None for lens in merged)
+
+
+def test_accelerate_after_torch_compile_recompiles_with_fastllm_ops():
+    """accelerate on a torch.compile'd model that already ran: the report says so, and the next call recompiles
+    (dynamo guards on the module classes) into a graph that calls fastllm's ops, with the accelerated result."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), _mha_block()).eval()
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(m, backend=backend)
+    with torch.no_grad():
+        before = compiled(x)
+    assert len(graphs) == 1 and not any("fastllm" in t for t in graphs[0])
+    fastllm.accelerate(compiled)
+    assert "torch.compile wrapper" in str(compiled.fastllm_report)
+    with torch.no_grad():
+        after = compiled(x)
+        want = m(x)  # (the accelerated modules, eager)
+    assert len(graphs) >= 2 and any("fastllm" in t for g in graphs[1:] for t in g), graphs[1:]
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _mha_block():
+    return _SelfAttention()

@@ -228,6 +228,10 @@ def accelerate(model: nn.Module, *, attention: bool = True, mlp: bool = True, no
         else:
             rule.apply(m)
             report.replaced.append((name, cname, rule.name))
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        # accelerate after torch.compile(model): the swaps are in _orig_mod; dynamo guards on the module classes, so
+        # the next call recompiles and traces the fastllm modules (tests/test_accelerate.py checks the graph)
+        report.notes.append("model is a torch.compile wrapper: its _orig_mod was accelerated; the next call recompiles")
     if quantize is not None:
         from fastllm.integrations import torch_nn
         from fastllm.nn.int8 import quantize_

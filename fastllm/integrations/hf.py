@@ -52,7 +52,7 @@ import torch
 
 from fastllm.integrations.engine import Rule, original_forward, swap
 from fastllm.integrations.torch_nn import swap_linear
-from fastllm.ops.attention import scaled_dot_product_attention
+from fastllm.ops.attention import attention_merged, scaled_dot_product_attention
 from fastllm.ops.layer_norm import rms_norm
 from fastllm.ops.rope import rotary_embedding
 
@@ -90,10 +90,55 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = q_len > 1 and attention_mask is None and bool(causal)  # (sdpa_attention_forward's rule)
+    if (
+        q_len > 1
+        and query.is_cpu
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    ):
+        lens = _kv_len(attention_mask, query.shape[0], key.shape[2]) if attention_mask is not None else None
+        if attention_mask is None or lens is not None:
+            B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
+            scale = scaling if scaling is not None else D**-0.5
+            out = attention_merged(query, key, value, None if lens is True else lens, causal, scale)  # (B, Sq, Hq D)
+            return out.view(B, q_len, Hq, D), None
     gqa = key.shape[1] != query.shape[1]
     out = scaled_dot_product_attention(query, key, value, attention_mask, is_causal=causal, scale=scaling,
                                        enable_gqa=gqa)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
+
+
+# id(mask) -> (weak reference to it, its version, its key lengths / True / None): transformers builds one mask per
+# forward and passes it to every layer; it is read once. (Not a WeakKeyDictionary: tensors compare elementwise.)
+_KV_LENS: dict = {}
+
+
+def _kv_len(mask: torch.Tensor, B: int, Sk: int):
+    """The (B,) int32 key lengths when the bool mask (B, 1, Sq or 1, Sk) is right padding only (every query row of
+    batch b sees exactly the keys j < len[b]: a bidirectional encoder's padding mask, what tokenizers write), True
+    when it hides nothing, else None. Then the attention stops at each row's length (fastllm.nn.encoder.key_lengths,
+    the zoo's decision: bit-identical for finite inputs; a NaN / Inf in a padding position's key or value is not
+    read, where the masked path would multiply it by 0) and the kernel writes the merged-heads layout transformers
+    reshapes next (no transpose copy). Inference only: the kernels' kv_len has no backward."""
+    version = -1 if mask.is_inference() else mask._version  # (an inference tensor has no version counter: the
+    hit = _KV_LENS.get(id(mask))  # mask object itself is the key while it lives, as within one forward)
+    if hit is not None and hit[0]() is mask and hit[1] == version:
+        return hit[2]
+    lens = None
+    if (
+        mask.dtype == torch.bool
+        and mask.dim() == 4
+        and mask.shape[0] == B
+        and mask.shape[1] == 1
+        and mask.shape[3] == Sk
+    ):
+        first = mask[:, 0, 0]  # (B, Sk)
+        n = first.sum(-1, dtype=torch.int32)
+        prefix = torch.arange(Sk, device=mask.device) < n[:, None]  # (B, Sk)
+        if torch.equal(mask[:, 0], prefix[:, None, :].expand(B, mask.shape[2], Sk)):
+            lens = True if bool((n == Sk).all()) else n
+    key = id(mask)
+    _KV_LENS[key] = (weakref.ref(mask, lambda _, key=key: _KV_LENS.pop(key, None)), version, lens)
+    return lens
 
 
 def register() -> None:
