@@ -675,7 +675,8 @@ def test_hf_report_kept_when_norm_off(transformers):
     kept = model.fastllm_report.kept
     assert kept and all(r == "norm=False" and c == "LayerNorm" for _, c, r in kept)
     replaced = [c for _, c, _ in model.fastllm_report.replaced]
-    assert replaced == ["BertModel"] + ["BertSelfOutput", "BertIntermediate", "BertOutput"] * 2  # (mlp rules)
+    layer = ["BertSelfAttention", "Linear", "Linear", "Linear", "BertSelfOutput", "BertIntermediate", "BertOutput"]
+    assert replaced == ["BertModel"] + layer * 2  # (q / k / v on fastllm.linear with their parent; the mlp rules)
 
 
 def test_torch_compile_accelerated_llama(transformers):
