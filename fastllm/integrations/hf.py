@@ -319,16 +319,14 @@ def _apply_rope_attention(m) -> None:
 
 
 # Encoder attentions whose projections are plain nn.Linear: q / k / v on fastllm.linear, so that no torch GEMM sits
-# between fastllm's ops (FastLinearMixin: torch's OpenMP workers then compete with fastllm's pool). MiniLM B8 S256
-# fp32, Zen 4, 15 interleaved rounds of a scratch A/B: 343 -> 329 ms (the zoo 305, HF SDPA 324). The output
-# projections are the MLP rows' (BertSelfOutput: the residual in the epilogue) or, where no row takes them, here.
+# between fastllm's ops (FastLinearMixin: torch's OpenMP workers then compete with fastllm's pool). Only where it was
+# measured faster (Zen 4, 2 cores, fp32, scratch A/B of interleaved rounds, 2026-12-04): MiniLM B8 S256 325.6 vs
+# 341.4 ms (medians of 9). Not CLIP: 964 vs 909 ms with its q / k / v / o swapped (B8, M = 400 / 616 rows, where
+# fastllm's GEMM is 0.80-0.86x oneDNN's alone and HF's residual adds wake torch's workers anyway). transformers 5.x's
+# ViT attention has its projections inline (no row here).
 _PROJECTIONS = {
     ("bert", "BertSelfAttention"): ("query", "key", "value"),
     ("roberta", "RobertaSelfAttention"): ("query", "key", "value"),
-    ("vit", "ViTSelfAttention"): ("query", "key", "value"),
-    ("vit", "ViTSelfOutput"): ("dense",),
-    ("clip", "CLIPAttention"): ("q_proj", "k_proj", "v_proj", "out_proj"),
-    ("distilbert", "MultiHeadSelfAttention"): ("q_lin", "k_lin", "v_lin", "out_lin"),
 }
 _PROJECTIONS = {(f"transformers.models.{f}.modeling_{f}", c): names for (f, c), names in _PROJECTIONS.items()}
 
