@@ -789,3 +789,48 @@ class _SelfAttention(nn.Module):
 
 def _mha_block():
     return _SelfAttention()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoder_layer_fast_path_in_generate(transformers, kind, cache, monkeypatch):
+    """The fused decoder layer (hf._decoder_layer_fast) runs every layer of prefill and decode in generate (counted)
+    and gives the unpatched model's tokens (left-padded batch, GQA, Qwen2's biases and sliding window, Mistral's
+    head dim); with a forward hook on one layer's MLP (output capturing) that layer takes its original forward."""
+    model = _decoder(transformers, kind)
+    ours = fastllm.accelerate(copy.deepcopy(model))
+    assert sum(r == "decoder_layer" for _, _, r in ours.fastllm_report.replaced) == 2, ours.fastllm_report
+    fast, fallbacks = [], []
+    real = hf._decoder_layer_fast
+
+    def counted(self, x, kwargs):
+        y = real(self, x, kwargs)
+        (fast if y is not None else fallbacks).append(1)
+        return y
+
+    monkeypatch.setattr(hf, "_decoder_layer_fast", counted)
+    ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(4))
+    kw = dict(attention_mask=_padded(2, 9, (9, 4), "left"), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+              pad_token_id=0, cache_implementation=cache)  # fmt: skip
+    with torch.inference_mode():
+        want = model.generate(ids, **kw)
+        got = ours.generate(ids, **kw)
+    assert torch.equal(got, want) and len(fast) == 2 * 12 and not fallbacks
+    seen = []
+    ours.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fast.clear()
+    with torch.inference_mode():
+        assert torch.equal(ours.generate(ids, **kw), want)
+    assert len(fallbacks) == 12 and len(fast) == 12 and len(seen) == 12
+
+
+def test_decoder_layer_fast_path_logits_bf16(transformers):
+    """bf16 logits of a padded batch through the fused layer: within the criterion (float64 reference)."""
+    model = _decoder(transformers, "llama")
+    ref, eager = _hf64(model), copy.deepcopy(model).bfloat16()
+    ours = fastllm.accelerate(copy.deepcopy(model).bfloat16())
+    ids = torch.randint(0, V, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = _padded(3, 13, (13, 8, 3), "left")
+    with torch.inference_mode():
+        out, e, r = (m(ids, attention_mask=mask).logits for m in (ours, eager, ref))
+    assert_equivalent(out, e, r, "llama bf16 fused layer")
