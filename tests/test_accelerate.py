@@ -834,3 +834,45 @@ def test_decoder_layer_fast_path_logits_bf16(transformers):
     with torch.inference_mode():
         out, e, r = (m(ids, attention_mask=mask).logits for m in (ours, eager, ref))
     assert_equivalent(out, e, r, "llama bf16 fused layer")
+
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_accelerate_triton_path_torch_nn(norm_first):
+    """The accelerated torch.nn encoder on fastllm's Triton kernels (on CUDA when there is one, else the Triton
+    interpreter on CPU tensors): every fastllm call runs Triton (explain), the output within the criterion. This is
+    the CUDA-model check of issue 13 that benchmarks/gpu_check.sh runs (-k triton)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+    model = _perturb(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval())
+    ref = copy.deepcopy(model).double()
+    ours = fastllm.accelerate(copy.deepcopy(model).to(DEVICE))
+    x = torch.randn(2, 7, 32)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 4:] = True
+    with torch.no_grad(), fastllm.backend("triton"), fastllm.explain() as log:
+        out = ours(x.to(DEVICE), src_key_padding_mask=kpm.to(DEVICE)).cpu()
+    with torch.no_grad():
+        e, r = model(x, src_key_padding_mask=kpm), ref(x.double(), src_key_padding_mask=kpm)
+    assert log and all(d.backend == "triton" for d in log), [str(d) for d in log if d.backend != "triton"]
+    valid = ~kpm  # (torch's own fast path may zero padded rows; compare the real tokens)
+    assert_equivalent(out[valid], e[valid], r[valid], f"torch.nn encoder on triton norm_first={norm_first}")
+
+
+def test_accelerate_triton_path_llama(transformers):
+    """A tiny accelerated Llama (fused decoder layer, rotary, RMSNorm, gated MLP, linear) on the Triton kernels:
+    logits of a left-padded batch within the criterion; every fastllm call runs Triton."""
+    model = _decoder(transformers, "llama")
+    ref = _hf64(model)
+    ours = fastllm.accelerate(copy.deepcopy(model).to(DEVICE))
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = _padded(2, 6, (6, 4), "left")
+    with torch.inference_mode(), fastllm.backend("triton"), fastllm.explain() as log:
+        out = ours(ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits.cpu()
+    with torch.inference_mode():
+        e, r = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert log and all(d.backend == "triton" for d in log), [str(d) for d in log if d.backend != "triton"]
+    assert_equivalent(out, e, r, "llama on triton")
