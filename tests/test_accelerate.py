@@ -876,3 +876,27 @@ def test_accelerate_triton_path_llama(transformers):
         e, r = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
     assert log and all(d.backend == "triton" for d in log), [str(d) for d in log if d.backend != "triton"]
     assert_equivalent(out, e, r, "llama on triton")
+
+
+def test_decoder_layer_follows_weight_updates(transformers):
+    """The fused layer reads the projections' current weights (the packed copies are rebuilt when a weight is
+    updated in place or replaced): the logits follow the unpatched model's after each change."""
+    model = _decoder(transformers, "qwen2")  # (q/k/v biases)
+    ours = fastllm.accelerate(copy.deepcopy(model))
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    a, b = ours.model.layers[0].self_attn, model.model.layers[0].self_attn
+    for change in ("none", "in_place", "bias_in_place", "replaced"):
+        with torch.no_grad():
+            if change == "in_place":
+                a.q_proj.weight.add_(0.25)
+                b.q_proj.weight.add_(0.25)
+            elif change == "bias_in_place":
+                a.v_proj.bias.mul_(-1.0)
+                b.v_proj.bias.mul_(-1.0)
+            elif change == "replaced":
+                w = torch.randn_like(a.k_proj.weight)
+                a.k_proj.weight = nn.Parameter(w.clone())
+                b.k_proj.weight = nn.Parameter(w.clone())
+        with torch.inference_mode():
+            got, want = ours(ids).logits, model(ids).logits
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4, msg=change)

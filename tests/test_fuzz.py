@@ -327,10 +327,10 @@ def test_finding_add_layer_norm_3x3():
 
 
 @pytest.mark.xfail(
-    fastllm._ext.C is not None,  # the C++ kernels' findings: the reference path passes them
-    strict=True,
+    fastllm._ext.C is not None,  # the C++ kernels' finding: the reference path passes it
+    strict=False,  # (it passes on Zen 4 / AVX-512, where eager's own rounding of this case differs: 2026-12-04)
     raises=AssertionError,
-    reason="dK 1 element of 224 at 2.0006x eager's max error + floor",
+    reason="dK 1 element of 224 at 2.0006x eager's max error + floor (Zen 3)",
 )
 def test_finding_flash_attention_dk_causal_3x7():
     g = torch.Generator().manual_seed(64)

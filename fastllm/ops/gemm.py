@@ -49,7 +49,11 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 def act_ref(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu":
-        return F.gelu(x)
+        # gelu(+inf) = +inf: torch's float64 gelu and its float32 gelu on AVX2 CPUs say so, but torch 2.13's float32 /
+        # bfloat16 gelu returns NaN there on Zen 4 (AVX-512) whatever ATEN_CPU_CAPABILITY; the kernels compute +inf
+        # on every CPU, and the reference (and the tests' eager) keeps that one answer
+        y = F.gelu(x)
+        return torch.where(x == float("inf"), x, y) if x.is_floating_point() else y
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     if name == "quick_gelu":
