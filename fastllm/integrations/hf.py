@@ -515,8 +515,10 @@ def _decoder_layer_fast(self, x, kwargs):
     if tables is None:
         return None  # (nothing written yet: the original forward starts over)
     q, k = rotary_embedding(q, k, *tables)
-    if cache is not None:
-        k, v = cache.update(k, v, a.layer_idx, kwargs={})
+    if cache is not None:  # (the attention's **kwargs, as transformers passes them: position_ids, use_cache, ...)
+        rest = {n: t for n, t in kwargs.items() if n not in ("attention_mask", "position_embeddings", "cache",
+                                                             "past_key_values")}  # fmt: skip
+        k, v = cache.update(k, v, a.layer_idx, kwargs=rest)
     o, _ = fastllm_attention_forward(a, q, k, v, kwargs.get("attention_mask"), dropout=0.0, scaling=a.scaling,
                                      sliding_window=getattr(a, "sliding_window", None))  # fmt: skip
     x = linear(o.reshape(B, S, -1), o_p.weight, o_p.bias, residual=x)  # x + o_proj(attention)
