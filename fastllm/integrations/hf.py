@@ -52,8 +52,11 @@ import weakref
 import torch
 
 from fastllm.integrations.engine import Rule, is_accelerated, original_forward, swap
+from fastllm.integrations.hf_mlp import _fast, activation_name
 from fastllm.integrations.torch_nn import swap_linear
+from fastllm.nn.encoder import key_lengths
 from fastllm.ops.attention import attention_merged, scaled_dot_product_attention
+from fastllm.ops.gemm import fused_gated_ffn, linear
 from fastllm.ops.layer_norm import rms_norm
 from fastllm.ops.rope import rotary_embedding
 
@@ -125,17 +128,9 @@ def _kv_len(mask: torch.Tensor, B: int, Sk: int):
     if hit is not None and hit[0]() is mask and hit[1] == version:
         return hit[2]
     lens = None
-    if (
-        mask.dtype == torch.bool
-        and mask.dim() == 4
-        and mask.shape[0] == B
-        and mask.shape[1] == 1
-        and mask.shape[3] == Sk
-    ):
-        first = mask[:, 0, 0]  # (B, Sk)
-        n = first.sum(-1, dtype=torch.int32)
-        prefix = torch.arange(Sk, device=mask.device) < n[:, None]  # (B, Sk)
-        if torch.equal(mask[:, 0], prefix[:, None, :].expand(B, mask.shape[2], Sk)):
+    if mask.dim() == 4 and tuple(mask.shape[:2]) == (B, 1) and mask.shape[3] == Sk:
+        n = key_lengths(mask[:, :, :1])  # (the zoo's check on the first query row)
+        if n is not None and torch.equal(mask, mask[:, :, :1].expand_as(mask)):  # (every row the same)
             lens = True if bool((n == Sk).all()) else n
     key = id(mask)
     _KV_LENS[key] = (weakref.ref(mask, lambda _, key=key: _KV_LENS.pop(key, None)), version, lens)
@@ -323,8 +318,8 @@ def _apply_rope_attention(m) -> None:
 # between fastllm's ops (FastLinearMixin: torch's OpenMP workers then compete with fastllm's pool). Only where it was
 # measured faster (Zen 4, 2 cores, fp32, scratch A/B of interleaved rounds, 2026-12-04): MiniLM B8 S256 325.6 vs
 # 341.4 ms (medians of 9). Not CLIP: 964 vs 909 ms with its q / k / v / o swapped (B8, M = 400 / 616 rows, where
-# fastllm's GEMM is 0.80-0.86x oneDNN's alone and HF's residual adds wake torch's workers anyway). transformers 5.x's
-# ViT attention has its projections inline (no row here).
+# fastllm's GEMM is 0.92-1.05x oneDNN's on 2 threads and HF's residual adds wake torch's workers anyway).
+# transformers 5.x's ViT attention has its projections inline (no row here).
 _PROJECTIONS = {
     ("bert", "BertSelfAttention"): ("query", "key", "value"),
     ("roberta", "RobertaSelfAttention"): ("query", "key", "value"),
@@ -488,9 +483,6 @@ def _decoder_layer_fast(self, x, kwargs):
         return None
     if _hooked(self, a, mlp, n1, n2, q_p, k_p, v_p, o_p) or a.config._attn_implementation != NAME:
         return None
-    from fastllm.integrations.hf_mlp import _fast, activation_name
-    from fastllm.ops.gemm import fused_gated_ffn, linear
-
     g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     act = activation_name(mlp.act_fn)
     params = (n1.weight, n2.weight, q_p.weight, q_p.bias, k_p.weight, k_p.bias, v_p.weight, v_p.bias, o_p.weight,

@@ -126,6 +126,16 @@ def _check_timm_attention(m) -> str | None:
     return reason
 
 
+def _ffn(x, fc1, fc2, act: str, residual):
+    """fc2(act(fc1(x))) (+ residual) of two nn.Linear, or None when the dtypes / devices mix: fused_ffn, or with a
+    residual linear with the activation then linear with the residual in its epilogue."""
+    if not _fast(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual):
+        return None
+    if residual is None:
+        return fused_ffn(x, fc1.weight, fc2.weight, b1=fc1.bias, b2=fc2.bias, activation=act)
+    return linear(linear(x, fc1.weight, fc1.bias, activation=act), fc2.weight, fc2.bias, residual=residual)
+
+
 class _FastTimmMlp:
     """timm Mlp: drop2(fc2(norm(drop1(act(fc1(x)))))) with norm an Identity and the dropouts off: fused_ffn, or
     (inside a block, with a residual) linear with the activation then linear with the residual."""
@@ -137,12 +147,7 @@ class _FastTimmMlp:
             return None
         if type(self.norm) is not nn.Identity or not _inactive(self.drop1) or not _inactive(self.drop2):
             return None
-        if not _fast(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual):
-            return None
-        if residual is None:
-            return fused_ffn(x, fc1.weight, fc2.weight, b1=fc1.bias, b2=fc2.bias, activation=act)
-        h = linear(x, fc1.weight, fc1.bias, activation=act)  # (..., hidden)
-        return linear(h, fc2.weight, fc2.bias, residual=residual)  # (..., out)
+        return _ffn(x, fc1, fc2, act, residual)
 
     def forward(self, x):
         y = self._fastllm_ffn(x)
@@ -210,11 +215,7 @@ def _clip_mlp_ffn(mlp, x, residual):
     act = activation_name(act_mod)
     if act is None or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or len(mlp) != 3:
         return None
-    if not _fast(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual):
-        return None
-    if residual is None:
-        return fused_ffn(x, fc1.weight, fc2.weight, b1=fc1.bias, b2=fc2.bias, activation=act)
-    return linear(linear(x, fc1.weight, fc1.bias, activation=act), fc2.weight, fc2.bias, residual=residual)
+    return _ffn(x, fc1, fc2, act, residual)
 
 
 class _FastResidualAttentionBlock:
