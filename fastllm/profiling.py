@@ -33,9 +33,10 @@ What is measured, in this order, all under torch.inference_mode():
      Python/dispatch overhead  time inside the step and module ranges that is in no op: Python, hooks, dispatch;
      other        every other op (embedding, cat, copies, reductions, ...).
    An op counts with everything under it (an aten::linear with its addmm). On CPU the times are the profiler's
-   CPU times, so the categories sum to the profiled call's wall time up to the profiler's own bookkeeping (tested:
-   within 5%). On CUDA they are device times of the kernels each op launched, and the overhead is the rest of the
-   wall time (the GPU idle while Python launches).
+   CPU times, so the categories sum to the step range's duration (tested), which is the profiled call's wall time
+   less the range's own enter / exit (~25 us; more when the OS deschedules the process in between). On CUDA they
+   are device times of the kernels each op launched, and the overhead is the rest of the wall time (the GPU idle
+   while Python launches).
 5. fallbacks: one call of each fastllm variant under fastllm.explain: every fastllm call that ran the reference
    path, with why (`fallbacks`).
 Chrome traces of the profiled calls go to trace_dir/<variant>.json.
