@@ -836,6 +836,68 @@ def test_decoder_layer_fast_path_logits_bf16(transformers):
     assert_equivalent(out, e, r, "llama bf16 fused layer")
 
 
+def _vit_clip(transformers):
+    torch.manual_seed(0)
+    vit = _perturb(transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, image_size=20,
+        patch_size=4, attn_implementation="sdpa")).eval())  # fmt: skip
+    text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, vocab_size=V,
+                max_position_embeddings=40, eos_token_id=2, bos_token_id=0, pad_token_id=1)  # fmt: skip
+    vision = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=72, image_size=20,
+                  patch_size=5, hidden_act="gelu")  # fmt: skip
+    clip = _perturb(transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=24, attn_implementation="sdpa")).eval())  # fmt: skip
+    return vit, clip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_layer_fast_path(transformers, dtype, monkeypatch):
+    """The pre-norm encoder layer (hf._encoder_layer_fast) runs every ViT and CLIP layer (text: causal, ragged
+    padding; vision: quick_gelu and gelu) at inference (counted), within the criterion of the float64 model; a
+    hook on a submodule, grad mode and training each make the layer take its original forward."""
+    vit, clip = _vit_clip(transformers)
+    fast, fallbacks = [], []
+    real = hf._encoder_layer_fast
+
+    def counted(self, x, kwargs):
+        y = real(self, x, kwargs)
+        (fast if y is not None else fallbacks).append(1)
+        return y
+
+    monkeypatch.setattr(hf, "_encoder_layer_fast", counted)
+    ids = torch.randint(3, V, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = _padded(3, 13, (13, 6, 1), "right")
+    pixels = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    for name, model, run in (
+        ("vit", vit, lambda m, dt: m(pixels.to(dt)).last_hidden_state),
+        ("clip text", clip, lambda m, dt: m.text_model(ids, attention_mask=mask).last_hidden_state),
+        ("clip vision", clip, lambda m, dt: m.vision_model(pixels.to(dt)).last_hidden_state),
+    ):
+        ref, eager = _hf64(model), copy.deepcopy(model).to(dtype)
+        ours = fastllm.accelerate(copy.deepcopy(model).to(dtype))
+        assert sum(r == "encoder_layer" for _, _, r in ours.fastllm_report.replaced) >= 2, ours.fastllm_report
+        fast.clear()
+        with torch.inference_mode():
+            out, e, r = run(ours, dtype), run(eager, dtype), run(ref, torch.float64)
+        assert len(fast) == 2 and not fallbacks, name
+        assert_equivalent(out, e, r, f"{name} {dtype} encoder layer")
+        tower = ours if name == "vit" else ours.text_model if name == "clip text" else ours.vision_model
+        mlp = next(m for m in tower.modules() if type(m).__name__.endswith("MLP"))
+        with torch.no_grad():  # the original forwards (through the accelerated submodules): within the criterion too
+            handle = mlp.register_forward_hook(lambda m, i, o: None)
+            assert_equivalent(run(ours, dtype), e, r, f"{name} {dtype} hooked")
+            handle.remove()
+            assert len(fallbacks) == 1 and len(fast) == 3, name  # (the hooked layer only)
+            ours.train()  # (dropout p = 0: the same values; the original forward all the same)
+            assert_equivalent(run(ours, dtype), e, r, f"{name} {dtype} train mode")
+            ours.eval()
+            assert len(fallbacks) == 3 and len(fast) == 3, name
+        run(ours, dtype).float().sum().backward()  # grad mode: the original forwards; gradients reach the weights
+        assert len(fallbacks) == 5 and len(fast) == 3, name
+        assert mlp.fc1.weight.grad is not None and torch.isfinite(mlp.fc1.weight.grad).all()
+        fallbacks.clear()
+
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 

@@ -57,7 +57,7 @@ from fastllm.integrations.torch_nn import swap_linear
 from fastllm.nn.encoder import key_lengths
 from fastllm.ops.attention import attention_merged, scaled_dot_product_attention
 from fastllm.ops.gemm import fused_gated_ffn, linear
-from fastllm.ops.layer_norm import rms_norm
+from fastllm.ops.layer_norm import layer_norm, rms_norm
 from fastllm.ops.rope import rotary_embedding
 
 NAME = "fastllm"
@@ -547,6 +547,99 @@ def _check_decoder_layer(m) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# The pre-norm encoder layer (ViT, CLIP's two towers) at inference: every op of the layer on fastllm's pool.
+#
+# transformers' ViTLayer / CLIPEncoderLayer run x + o_proj(attention(q, k, v of LN1(x))), then + fc2(act(fc1(LN2(x)))):
+# with the attention function, the MLP and the norms accelerated, the q / k / v / o projections were still torch
+# GEMMs and the two residual adds torch adds, between fastllm calls. On 2 cores a torch op wakes torch's OpenMP
+# worker, which then spins on the core fastllm's pool wants for the next call (see FastLinearMixin). This forward
+# makes the whole layer fastllm calls: layer_norm, q / k / v linear, the "fastllm" attention function (the mask
+# transformers built; CLIP's text tower passes is_causal), o_proj with the residual in its epilogue, layer_norm, fc1
+# with the activation in its epilogue, fc2 with the residual in its epilogue (the adds cost no pass of their own,
+# as in timm's Block rule). Same conditions as the decoder layer: inference (grad disabled, eval),
+# every submodule accelerated (the norm / mlp flags on), no hooks, the "fastllm" attention implementation, only the
+# keyword arguments it knows; anything else is the layer's original forward, exactly.
+
+# (module, class) -> the attribute names (norm1, attention, norm2, mlp, the attention's o projection, its scale)
+_HF_ENCODER_LAYERS = {
+    ("transformers.models.vit.modeling_vit", "ViTLayer"):
+        ("layernorm_before", "attention", "layernorm_after", "mlp", "o_proj", "scaling"),
+    ("transformers.models.clip.modeling_clip", "CLIPEncoderLayer"):
+        ("layer_norm1", "self_attn", "layer_norm2", "mlp", "out_proj", "scale"),
+}  # fmt: skip
+_ENCODER_KWARGS = frozenset(("attention_mask", "is_causal"))
+
+
+def _encoder_layer_fast(self, x, kwargs):
+    """The layer's output through fastllm's ops, or None (the original forward then runs)."""
+    if torch.is_grad_enabled() or not _ENCODER_KWARGS.issuperset(kwargs) or not isinstance(x, torch.Tensor):
+        return None
+    if x.dim() != 3 or self.training or torch.compiler.is_compiling():
+        return None
+    n1_name, a_name, n2_name, mlp_name, o_name, scale_name = _HF_ENCODER_LAYERS[_encoder_key(self)]
+    n1, a, n2, mlp = getattr(self, n1_name), getattr(self, a_name), getattr(self, n2_name), getattr(self, mlp_name)
+    q_p, k_p, v_p, o_p = a.q_proj, a.k_proj, a.v_proj, getattr(a, o_name)
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    if not all(is_accelerated(m) for m in (n1, n2, mlp)) or a.config._attn_implementation != NAME:
+        return None
+    if not all(type(m) is torch.nn.Linear for m in (q_p, k_p, v_p, o_p, fc1, fc2)) or a.training or mlp.training:
+        return None  # (fastllm.quantize_'s Int8Linear, or a layer replaced since; dropout in training)
+    if _hooked(self, n1, a, n2, mlp, q_p, k_p, v_p, o_p, fc1, fc2):
+        return None
+    act = activation_name(mlp.activation_fn)
+    params = (n1.weight, n1.bias, n2.weight, n2.bias, q_p.weight, q_p.bias, k_p.weight, k_p.bias, v_p.weight,
+              v_p.bias, o_p.weight, o_p.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # fmt: skip
+    if act is None or not _fast(x, *params) or n1.weight is None or n2.weight is None:
+        return None
+    B, S, _ = x.shape
+    D = a.head_dim
+    h = layer_norm(x, n1.weight, n1.bias, n1.eps)
+    q = linear(h, q_p.weight, q_p.bias).view(B, S, -1, D).transpose(1, 2)  # (B, H, S, D)
+    k = linear(h, k_p.weight, k_p.bias).view(B, S, -1, D).transpose(1, 2)
+    v = linear(h, v_p.weight, v_p.bias).view(B, S, -1, D).transpose(1, 2)
+    o, _ = fastllm_attention_forward(a, q, k, v, kwargs.get("attention_mask"), dropout=0.0,
+                                     scaling=getattr(a, scale_name), is_causal=kwargs.get("is_causal"))  # fmt: skip
+    x = linear(o.reshape(B, S, -1), o_p.weight, o_p.bias, residual=x)  # x + o_proj(attention)
+    h = layer_norm(x, n2.weight, n2.bias, n2.eps)
+    h = linear(h, fc1.weight, fc1.bias, activation=act)
+    return linear(h, fc2.weight, fc2.bias, residual=x)  # x + fc2(act(fc1(h)))
+
+
+class _FastEncoderLayer:
+    def forward(self, hidden_states, *args, **kwargs):
+        if len(args) == 1 and "attention_mask" not in kwargs:  # (CLIP's encoder passes the mask by position)
+            kwargs = {"attention_mask": args[0], **kwargs}
+            args = ()
+        y = None if args else _encoder_layer_fast(self, hidden_states, kwargs)
+        return y if y is not None else original_forward(self, hidden_states, *args, **kwargs)
+
+
+def _encoder_key(m):
+    cls = getattr(type(m), "_fastllm_original", type(m))
+    return (cls.__module__, cls.__name__)
+
+
+def _is_encoder_layer(m) -> bool:
+    return _encoder_key(m) in _HF_ENCODER_LAYERS
+
+
+def _check_encoder_layer(m) -> str | None:
+    n1, a, n2, mlp, o_name, scale_name = _HF_ENCODER_LAYERS[_encoder_key(m)]
+    need = {n1: ("weight", "bias", "eps"), n2: ("weight", "bias", "eps"), mlp: ("fc1", "fc2", "activation_fn"),
+            a: ("q_proj", "k_proj", "v_proj", o_name, "head_dim", scale_name, "config")}  # fmt: skip
+    for sub, attrs in need.items():
+        mod = getattr(m, sub, None)
+        if mod is None or not all(hasattr(mod, n) for n in attrs):
+            return f"{sub} lacks one of {', '.join(attrs)} (not the layout this rule was written for)"
+    if not isinstance(getattr(m, n1), torch.nn.LayerNorm) or not isinstance(getattr(m, n2), torch.nn.LayerNorm):
+        return "its norms are not nn.LayerNorm (not the layout this rule was written for)"
+    params = list(inspect.signature(_innermost(type(m).forward)).parameters)
+    if params[:3] != ["self", "hidden_states", "attention_mask"]:
+        return f"forward{tuple(params[1:])} is not the signature this rule was written for"
+    return None
+
+
 def rules() -> list[Rule]:
     """The transformers rows (built when transformers is imported: they match its classes)."""
     from transformers import PreTrainedModel
@@ -558,6 +651,8 @@ def rules() -> list[Rule]:
              _check_model, _apply_model, _undo_model, subtree=True),
         Rule("transformers", "attention", "decoder_layer", _is_decoder_layer, _check_decoder_layer,
              lambda m: swap(m, _FastDecoderLayer)),
+        Rule("transformers", "attention", "encoder_layer", _is_encoder_layer, _check_encoder_layer,
+             lambda m: swap(m, _FastEncoderLayer)),
         Rule("transformers", "attention", "rotary_embedding", _is_rope_attention, _check_rope_attention,
              _apply_rope_attention),
         Rule("transformers", "attention", "projections_on_fastllm_linear", lambda m: bool(_projections(m)),
