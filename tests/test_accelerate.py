@@ -752,6 +752,41 @@ def test_hf_padding_mask_as_key_lengths(transformers, side, monkeypatch):
         assert len(merged) == 2 and all(lens is None for lens in merged)
 
 
+@pytest.mark.parametrize("side", ["right", "left", "none"])
+def test_hf_causal_padding_mask_as_key_lengths(transformers, side, monkeypatch):
+    """A causal mask with right padding (CLIP's text tower on a padded batch; a decoder's right-padded prefill)
+    becomes key lengths + causal in the kernel; left padding keeps the masked path. Within the criterion against
+    float64 at every position (padded rows included: row i >= len sees the keys j < len, as the mask says)."""
+    _, clip = _vit_clip(transformers)
+    llama = _decoder(transformers, "llama")
+    ids = torch.randint(3, V, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = _padded(3, 13, (13, 6, 1) if side != "none" else (13, 13, 13), "left" if side == "left" else "right")
+    merged, masked = [], []
+    real = fastllm.ops.attention.attention_merged
+    monkeypatch.setattr(hf, "attention_merged", lambda *a: merged.append((a[3], a[4])) or real(*a))
+    monkeypatch.setattr(
+        hf,
+        "scaled_dot_product_attention",
+        lambda *a, **k: masked.append(1) or fastllm.ops.attention.scaled_dot_product_attention(*a, **k),
+    )
+    for name, model, run in (
+        ("clip text", clip, lambda m: m.text_model(ids, attention_mask=mask).last_hidden_state),
+        ("llama", llama, lambda m: m(ids, attention_mask=mask).logits),
+    ):
+        ref, ours = _hf64(model), fastllm.accelerate(copy.deepcopy(model))
+        merged.clear(), masked.clear()
+        with torch.inference_mode():
+            out, e, r = run(ours), run(model), run(ref)
+        assert_equivalent(out, e, r, f"{name} causal {side} padding")
+        if side == "right":
+            assert len(merged) == 2 and not masked, name
+            assert all(lens.tolist() == [13, 6, 1] and causal for lens, causal in merged), merged
+        elif side == "left":
+            assert not merged and len(masked) == 2, name
+        else:
+            assert len(merged) == 2 and all(lens is None and causal for lens, causal in merged), merged
+
+
 def test_accelerate_after_torch_compile_recompiles_with_fastllm_ops():
     """accelerate on a torch.compile'd model that already ran: the report says so, and the next call recompiles
     (dynamo guards on the module classes) into a graph that calls fastllm's ops, with the accelerated result."""

@@ -99,11 +99,12 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
         and query.is_cpu
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
     ):
-        lens = _kv_len(attention_mask, query.shape[0], key.shape[2]) if attention_mask is not None else None
+        lens, mask_causal = (None, False) if attention_mask is None else _kv_len(attention_mask, *query.shape[:3],
+                                                                                 key.shape[2])  # fmt: skip
         if attention_mask is None or lens is not None:
             B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
             scale = scaling if scaling is not None else D**-0.5
-            out = attention_merged(query, key, value, None if lens is True else lens, causal, scale)  # (B, Sq, Hq D)
+            out = attention_merged(query, key, value, None if lens is True else lens, causal or mask_causal, scale)
             return out.view(B, q_len, Hq, D), None
     gqa = key.shape[1] != query.shape[1]
     out = scaled_dot_product_attention(query, key, value, attention_mask, is_causal=causal, scale=scaling,
@@ -116,25 +117,33 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
 _KV_LENS: dict = {}
 
 
-def _kv_len(mask: torch.Tensor, B: int, Sk: int):
-    """The (B,) int32 key lengths when the bool mask (B, 1, Sq or 1, Sk) is right padding only (every query row of
-    batch b sees exactly the keys j < len[b]: a bidirectional encoder's padding mask, what tokenizers write), True
-    when it hides nothing, else None. Then the attention stops at each row's length (fastllm.nn.encoder.key_lengths,
-    the zoo's decision: bit-identical for finite inputs; a NaN / Inf in a padding position's key or value is not
-    read, where the masked path would multiply it by 0) and the kernel writes the merged-heads layout transformers
-    reshapes next (no transpose copy). Inference only: the kernels' kv_len has no backward."""
+def _kv_len(mask: torch.Tensor, B: int, H: int, Sq: int, Sk: int):
+    """(lens, causal) for the bool mask (B, 1, Sq or 1, Sk): lens the (B,) int32 key lengths when the mask is right
+    padding only (every query row of batch b sees exactly the keys j < len[b]: a bidirectional encoder's padding
+    mask, what tokenizers write), True when it hides nothing, else None (the masked path); causal True when the mask
+    is that padding and causality together (Sq == Sk: row i sees the keys j <= i and j < len[b], CLIP's text tower
+    with a padded batch, a decoder's padded prefill). Then the attention stops at each row's length
+    (fastllm.nn.encoder.key_lengths, the zoo's decision: bit-identical for finite inputs; a NaN / Inf in a padding
+    position's key or value is not read, where the masked path would multiply it by 0) and the kernel writes the
+    merged-heads layout transformers reshapes next (no transpose copy). Inference only: the kernels' kv_len has no
+    backward. (H is not read: the signature takes query.shape[:3].)"""
     version = -1 if mask.is_inference() else mask._version  # (an inference tensor has no version counter: the
     hit = _KV_LENS.get(id(mask))  # mask object itself is the key while it lives, as within one forward)
     if hit is not None and hit[0]() is mask and hit[1] == version:
         return hit[2]
-    lens = None
-    if mask.dim() == 4 and tuple(mask.shape[:2]) == (B, 1) and mask.shape[3] == Sk:
+    plan = (None, False)
+    if mask.dim() == 4 and tuple(mask.shape[:2]) == (B, 1) and mask.shape[3] == Sk and mask.dtype == torch.bool:
         n = key_lengths(mask[:, :, :1])  # (the zoo's check on the first query row)
         if n is not None and torch.equal(mask, mask[:, :, :1].expand_as(mask)):  # (every row the same)
-            lens = True if bool((n == Sk).all()) else n
+            plan = (True if bool((n == Sk).all()) else n), False
+        elif mask.shape[2] == Sq == Sk > 1:
+            n = key_lengths(mask[:, :, -1:])  # (the last row of a causal mask sees every key before the padding)
+            j = torch.arange(Sk, device=mask.device)
+            if n is not None and torch.equal(mask[:, 0], (j[None, :] <= j[:, None]) & (j < n[:, None, None])):
+                plan = (True if bool((n == Sk).all()) else n), True
     key = id(mask)
-    _KV_LENS[key] = (weakref.ref(mask, lambda _, key=key: _KV_LENS.pop(key, None)), version, lens)
-    return lens
+    _KV_LENS[key] = (weakref.ref(mask, lambda _, key=key: _KV_LENS.pop(key, None)), version, plan)
+    return plan
 
 
 def register() -> None:
