@@ -11,6 +11,8 @@ unset or empty means the default):
         avx512 (AVX-512 F/BW/VL/DQ FMA kernels: the GEMM engine), avx512_dot (+ vdpbf16ps for bf16 GEMMs and
         vpdpbusd for W8A8 where the CPU has AVX512-BF16 / AVX512-VNNI). An op without a kernel at the level runs
         its kernel of the highest level below. A level this CPU or build cannot run is an error.
+    FASTLLM_SPIN_US=0..1000000                      how long an idle worker of the C++ kernels' thread pool spins
+        before it sleeps (default SPIN_US_DEFAULT; kernels/cpp/parallel.cpp reads it at the pool's first use)
 """
 
 import importlib
@@ -54,7 +56,22 @@ def _apply_isa(C, isa: str) -> None:
         raise ValueError(f"FASTLLM_ISA={isa!r}: {e}; this CPU and build accept {runnable}") from None
 
 
+# The pool's default spin (kDefaultSpinUs in kernels/cpp/parallel.cpp, where the measure is).
+SPIN_US_DEFAULT = 1000
+
+
+def env_spin_us() -> int:
+    """FASTLLM_SPIN_US (unset or empty: SPIN_US_DEFAULT): microseconds, a decimal integer in 0 .. 1000000."""
+    value = os.environ.get("FASTLLM_SPIN_US", "")
+    if not value:
+        return SPIN_US_DEFAULT
+    if not (value.isascii() and value.isdigit()) or int(value) > 1_000_000:
+        raise ValueError(f"FASTLLM_SPIN_US={value!r} is not valid; accepted values: an integer 0..1000000 (us)")
+    return int(value)
+
+
 _isa = env_choice("FASTLLM_ISA", ISA_CHOICES, "auto")
+SPIN_US = env_spin_us()
 C, STATUS = _load()
 if C is None:
     warnings.warn(f"fastllm: C++ extension not available: {STATUS}. CPU ops use the reference path.", stacklevel=2)

@@ -107,7 +107,8 @@ def report() -> str:
         lines.append(f"  avx512_dot   {', '.join(dots)}")
         lines.append(
             f"  threads      fastllm's pool (kernels/cpp/parallel.h); calls use torch.get_num_threads(), one "
-            f"thread below 32K elements per thread (OpenMP max threads {_ext.C.openmp_max_threads()}: the probes)"
+            f"thread below 32K elements per thread (OpenMP max threads {_ext.C.openmp_max_threads()}: the probes); "
+            f"idle workers spin {_ext.SPIN_US} us (FASTLLM_SPIN_US)"
         )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

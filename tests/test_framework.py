@@ -93,6 +93,23 @@ def test_bad_environment_values_raise(var, value, accepted):
     assert f"ValueError: {var}={value!r} is not valid; accepted values: {accepted}" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("value", ["-5", "1e3", "2000000", "fast", " 10"])
+def test_bad_spin_value_raises(value):
+    r = run_py("import fastllm", FASTLLM_SPIN_US=value)
+    assert r.returncode != 0
+    assert f"ValueError: FASTLLM_SPIN_US={value!r} is not valid" in r.stderr, r.stderr
+
+
+def test_spin_values_run():
+    """0 (sleep at once) and a long spin: the pool's results do not depend on it (a 2-thread GEMM, both values)."""
+    code = ("import torch, fastllm; torch.manual_seed(0); x = torch.randn(64, 96); w = torch.randn(128, 96); "
+            "print(fastllm._ext.SPIN_US, fastllm.linear(x, w).sum().item())")  # fmt: skip
+    outs = [run_py(code, FASTLLM_SPIN_US=v) for v in ("0", "250000")]
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    (s0, y0), (s1, y1) = (r.stdout.split() for r in outs)
+    assert (s0, s1) == ("0", "250000") and y0 == y1
+
+
 def test_bad_no_cpp_value_fails_the_build():
     from pathlib import Path
 

@@ -8,7 +8,7 @@
 // sees the job closed and leaves without reading anything of it. A late worker therefore never delays the caller
 // beyond the tasks it has claimed, and never touches a finished job (whose fn and ctx live on the caller's stack).
 //
-// Waiting: spin kSpin with pause (and yield), then sleep on a condition variable (the build is C++17: no
+// Waiting: spin spin_time() with pause (and yield), then sleep on a condition variable (the build is C++17: no
 // std::atomic::wait); the waker skips the mutex and the syscall when no one sleeps (a sleeper registers before its
 // last check: Dekker again). Workers are detached and the pool is never destroyed: at interpreter exit the threads
 // sleep or spin on memory that stays valid, nothing joins or frees anything. fork(): only the forking thread exists
@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <new>
 #include <system_error>
@@ -34,7 +35,25 @@
 namespace fastllm {
 namespace {
 
-constexpr auto kSpin = std::chrono::microseconds(50);
+// How long a waiting thread spins before it sleeps: FASTLLM_SPIN_US (read once, at the pool's first use; fastllm's
+// import validates it), default kDefaultSpinUs (= SPIN_US_DEFAULT in fastllm/_ext.py). It was 50 us. A decode step
+// of a Hugging Face model through fastllm.accelerate has 50-150 us of Python between two kernel calls: the workers
+// slept, each GEMM woke them (a futex wake-up), and the caller ran most tasks alone. SmolLM2-135M-shaped Llama,
+// HF generate B=1, 64 tokens, fp32, Zen 4 2 cores (medians of 5, two runs each): 50 us 27.2 / 27.5 tok/s,
+// 300 us 29.0 / 29.8, 1000 us 29.1 / 30.0, 2000 us 30.4 / 29.4; MiniLM B8 S256 unchanged (303 vs 300 ms). The
+// spin yields every 16 pauses, so a runnable thread on the spinner's core (torch's OpenMP worker, another
+// process) runs instead; an idle core burns up to 1 ms after a job.
+constexpr long kDefaultSpinUs = 1000;
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t = [] {
+    const char* s = std::getenv("FASTLLM_SPIN_US");
+    char* end = nullptr;
+    const long v = s != nullptr ? std::strtol(s, &end, 10) : -1;
+    return std::chrono::microseconds(s != nullptr && end != s && *end == '\0' && v >= 0 && v <= 1000000
+                                         ? v : kDefaultSpinUs);
+  }();
+  return t;
+}
 constexpr int kMaxWorkers = 511;
 
 inline void cpu_relax() {
@@ -45,7 +64,7 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until ready() or kSpin has passed; returns ready(). Every 16 pauses it also yields: on an idle core that is
+// Spins until ready() or spin_time() has passed; returns ready(). Every 16 pauses it also yields: on an idle core that is
 // a cheap system call, but where the spinner shares its core with a runnable thread (the other cores busy: the
 // caller itself, or another process) that thread runs instead of waiting for the spinner's time slice to end.
 // Measured (1x576x1536 fp32 GEMM in 16 tasks, another process on the other core): 2-thread calls took 105-128 us
@@ -53,11 +72,12 @@ inline void cpu_relax() {
 template <class P>
 bool spin_until(P ready) {
   const auto t0 = std::chrono::steady_clock::now();
+  const auto spin = spin_time();
   for (int i = 1;; ++i) {
     if (ready()) return true;
     cpu_relax();
     if (i % 16 == 0) std::this_thread::yield();  // a spinner sharing its core (others busy) lets the runnable run
-    if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > kSpin) return ready();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > spin) return ready();
   }
 }
 

@@ -23,8 +23,8 @@
 //   - what a task writes is visible to the caller when parallel_for returns
 //
 // The pool (parallel.cpp) starts its workers on first use, as many as the largest nthreads asked (at most the
-// hardware threads), spins a few tens of microseconds after each job (back-to-back kernel calls of a decode step
-// find it awake), then sleeps. After fork() the child builds a fresh pool on its next call.
+// hardware threads), spins up to 1 ms after each job (FASTLLM_SPIN_US: the kernel calls of a decode step, with
+// Python between them, find it awake), then sleeps. After fork() the child builds a fresh pool on its next call.
 //
 // The template below has internal linkage, like everything in common.h: the *_avx2 / *_avx512* TUs include this
 // header; the pool itself (std::thread, atomics, mutexes) lives only in the portable TU parallel.cpp.
