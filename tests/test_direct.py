@@ -142,3 +142,26 @@ def test_linear_lean_lane_identical(dtype, activation):
             fastllm.linear(x, w, activation="none")
         with pytest.raises(ValueError, match="residual"):
             fastllm.linear(x, w, residual=r[:, :2])  # a wrong residual shape leaves the lane and is refused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("biases", [False, True])
+def test_gated_ffn_lean_lane_identical(dtype, biases):
+    """fused_gated_ffn's decode lane (ops/gemm.py _lean_gated: 3-D x, optional biases) = the op's result (explain
+    turns the lane off), bit for bit; the lane counts as a direct call; bad arguments leave it and are refused."""
+    x = torch.randn(2, 3, 37, dtype=dtype)
+    wg, wu, wd = (torch.randn(*s, dtype=dtype) for s in ((29, 37), (29, 37), (13, 29)))
+    bg, bu, bd = (torch.randn(n, dtype=dtype) if biases else None for n in (29, 29, 13))
+
+    def call():
+        return fastllm.fused_gated_ffn(x, wg, wu, wd, b_gate=bg, b_up=bu, b_down=bd, activation="silu")
+
+    with torch.inference_mode():
+        with fastllm.explain() as log:
+            ref = call()
+        got, n = _calls(G.fused_gated_ffn_fwd, call)
+        assert len(log) == 1 and n == 1 and torch.equal(got, ref) and got.shape == (2, 3, 13)
+        with pytest.raises(ValueError, match="activation 'none'"):
+            fastllm.fused_gated_ffn(x, wg, wu, wd, activation="none")
+        with pytest.raises(ValueError, match="one shape"):
+            fastllm.fused_gated_ffn(x, wg, wu[:5], wd)  # (w_up's shape leaves the lane and is refused)

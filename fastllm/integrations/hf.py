@@ -95,8 +95,7 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = q_len > 1 and attention_mask is None and bool(causal)  # (sdpa_attention_forward's rule)
     if (
-        q_len > 1
-        and query.is_cpu
+        query.is_cpu
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
     ):
         lens, mask_causal = (None, False) if attention_mask is None else _kv_len(attention_mask, *query.shape[:3],
