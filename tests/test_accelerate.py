@@ -10,6 +10,7 @@ output_attentions), restore, greedy generate (token-identical), state-dict keys 
 
 import copy
 import functools
+import pickle
 import subprocess
 import sys
 
@@ -857,6 +858,50 @@ def test_decoder_layer_fast_path_in_generate(transformers, kind, cache, monkeypa
     with torch.inference_mode():
         assert torch.equal(ours.generate(ids, **kw), want)
     assert len(fallbacks) == 12 and len(fast) == 12 and len(seen) == 12
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_layer_one_qkv_gemm(transformers, kind, monkeypatch):
+    """At inference the fused layer computes q / k / v in one GEMM over the packed [Wq; Wk; Wv] (hf._qkv_heads; Qwen2:
+    with the three biases): logits bit-identical to the three linears' (explain runs those: same kernel per column),
+    the packed operand kept once per layer, repacked after an in-place update, dropped by restore; the model still
+    pickles; weights that are inference tensors take the three linears."""
+    model = _decoder(transformers, kind)
+    ours = fastllm.accelerate(copy.deepcopy(model))
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    taken = []
+    real = hf._qkv_heads
+    monkeypatch.setattr(hf, "_qkv_heads", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    with torch.inference_mode():
+        got = ours(ids).logits
+        with fastllm.explain():  # (no lane under explain: the three linears)
+            three = ours(ids).logits
+        want = model(ids).logits
+    assert taken[:2] == [True, True] and torch.equal(got, three), taken
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # (the float64 criterion: the tests above)
+    attn = ours.model.layers[0].self_attn
+    packed = hf._QKV[attn][4]
+    with torch.inference_mode():
+        ours(ids)
+    assert hf._QKV[attn][4] is packed  # (kept)
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(0.5)
+        model.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
+    with torch.inference_mode():
+        got, want = ours(ids).logits, model(ids).logits
+    assert hf._QKV[attn][4] is not packed  # (repacked)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    pickle.loads(pickle.dumps(ours))
+    fastllm.restore(ours)
+    assert attn not in hf._QKV
+    with torch.inference_mode():
+        inf = fastllm.accelerate(copy.deepcopy(model))
+        for m in inf.modules():
+            for n, p in list(m.named_parameters(recurse=False)):
+                setattr(m, n, nn.Parameter(p.detach().clone(), requires_grad=False))  # (inference tensors)
+        taken.clear()
+        torch.testing.assert_close(inf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert taken and not any(taken), taken
 
 
 def test_decoder_layer_fast_path_logits_bf16(transformers):
