@@ -50,6 +50,7 @@ import warnings
 import weakref
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from fastllm import _ext
 from fastllm.integrations.engine import Rule, is_accelerated, original_forward, swap
@@ -473,19 +474,18 @@ _HF_DECODER_LAYERS = frozenset((f"transformers.models.{f}.modeling_{f}", f"{c}De
 
 
 def _hooked(*mods) -> bool:
-    from torch.nn.modules import module as nn_module
-
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 
-# attention module -> its packed [Wq; Wk; Wv] and what it was packed from (not in the module's __dict__: the entry
-# holds weak references, which neither pickle nor state_dict should see; it leaves with the module, or at restore).
+# attention module -> its packed [Wq; Wk; Wv] and what it was packed from (not in the module's __dict__, where
+# pickle and deepcopy would carry it; the entry leaves with the module, or at restore; it holds the weights it was
+# packed from, which a replaced weight keeps alive only until the next call repacks).
 _QKV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _qkv_heads(a, h, q_p, k_p, v_p):
+def _qkv_heads(a, h, ws, bs):
     """q, k, v of h as (B, H, S, D) from one GEMM over the three projections (the engine's heads store, as
     fastllm.qkv_projection), or None when this call cannot take it (the caller then runs three linears).
 
@@ -496,21 +496,20 @@ def _qkv_heads(a, h, q_p, k_p, v_p):
     elements per thread); in one GEMM the weight read is split over the threads. SmolLM2-shaped generate, Zen 4:
     29.8 -> 31.0 tok/s (medians of 6, tokens identical). Inference on CPU only (the direct path: no autograd, no
     tracing, no explain, the C++ kernel chosen), fp32 / bf16 / fp16 weights that are not inference tensors."""
-    ws = (q_p.weight, k_p.weight, v_p.weight)
-    bs = (q_p.bias, k_p.bias, v_p.bias)
-    if h.dtype not in KERNEL_DTYPES or not qkv_fwd.cpp_lane((h, *ws, *bs)):
+    if h.dtype not in KERNEL_DTYPES or not h.is_contiguous() or not qkv_fwd.cpp_lane((h, *ws, *bs)):
         return None
+    srcs = (*ws, *bs)
     try:
-        versions = tuple(t._version for t in (*ws, *(b for b in bs if b is not None)))
+        state = tuple(-1 if t is None else t._version for t in srcs)
     except RuntimeError:  # (inference tensors have no version counter: the three linears)
         return None
     layout = _layout(h.dtype)
-    hit = _QKV.get(a)
+    hit = _QKV.get(a)  # (sources, their versions, layout, weight data pointers, packed, bias)
     if (
         hit is None
-        or hit[1] != versions
+        or hit[1] != state
         or hit[2] != layout
-        or any(r() is not t for r, t in zip(hit[0], (*ws, *bs), strict=True))
+        or any(t is not u for t, u in zip(srcs, hit[0], strict=True))
         or any(t.data_ptr() != p for t, p in zip(ws, hit[3], strict=True))
     ):
         w = torch.cat(ws)
@@ -518,14 +517,12 @@ def _qkv_heads(a, h, q_p, k_p, v_p):
         if any(t is not None for t in bs):
             b = torch.cat([t if t is not None else w.new_zeros(n.shape[0]) for t, n in zip(bs, ws, strict=True)])
         pk = _pack.pack(w, None, w.shape[1], w.shape[0], w.stride(1), w.stride(0), layout)
-        refs = tuple(weakref.ref(t) if t is not None else (lambda: None) for t in (*ws, *bs))
-        hit = (refs, versions, layout, tuple(t.data_ptr() for t in ws), pk, b)
-        _QKV[a] = hit
+        hit = _QKV[a] = (srcs, state, layout, tuple(t.data_ptr() for t in ws), pk, b)
     pk, b = hit[4], hit[5]
     B, S, K = h.shape
     N, D = pk.N, a.head_dim
-    Hq, Hkv = q_p.weight.shape[0] // D, k_p.weight.shape[0] // D
-    if pk.K != K or (Hq + 2 * Hkv) * D != N or v_p.weight.shape[0] != Hkv * D or not h.is_contiguous():
+    Hq, Hkv = ws[0].shape[0] // D, ws[1].shape[0] // D
+    if pk.K != K or (Hq + 2 * Hkv) * D != N or ws[2].shape[0] != Hkv * D or h.dtype != ws[0].dtype:
         return None
     q, k, v = (h.new_empty((B, n, S, D)) for n in (Hq, Hkv, Hkv))
     M, dt = B * S, _ext.DTYPE_CODES[h.dtype]
@@ -537,27 +534,41 @@ def _qkv_heads(a, h, q_p, k_p, v_p):
     return q, k, v
 
 
+def _parts(self):
+    """The layer's eleven submodules (attention, its q / k / v / o projections, MLP, its gate / up / down, the two
+    norms) read through the modules' dicts, or None when one is missing. (Module.__getattr__ costs ~0.5-1 us a read
+    on these 2-core VMs, and the layer read ~40 attributes that way per call: ~50 us of a ~240 us Python layer.)"""
+    mods = self._modules
+    a, mlp, n1, n2 = (mods.get(n) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+    if a is None or mlp is None or n1 is None or n2 is None:
+        return None
+    am, mm = a._modules, mlp._modules
+    parts = (a, mlp, n1, n2, am.get("q_proj"), am.get("k_proj"), am.get("v_proj"), am.get("o_proj"),
+             mm.get("gate_proj"), mm.get("up_proj"), mm.get("down_proj"))  # fmt: skip
+    return None if any(m is None for m in parts) else parts
+
+
 def _decoder_layer_fast(self, x, kwargs):
     """The layer's output through fastllm's ops, or None (the original forward then runs)."""
     if torch.is_grad_enabled() or self.training or not _LAYER_KWARGS.issuperset(kwargs) or x.dim() != 3:
         return None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return None
-    a, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-    q_p, k_p, v_p, o_p = a.q_proj, a.k_proj, a.v_proj, a.o_proj
-    if not all(is_accelerated(m) for m in (a, mlp, n1, n2, q_p, k_p, v_p, o_p)):
+    parts = _parts(self)
+    if parts is None or self._forward_hooks or self._forward_pre_hooks:
         return None
-    if _hooked(self, a, mlp, n1, n2, q_p, k_p, v_p, o_p) or a.config._attn_implementation != NAME:
+    a, mlp, n1, n2 = parts[:4]
+    for i, m in enumerate(parts):  # (the first eight accelerated; gate / up / down accelerated or nn.Linear)
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if "_fastllm_original" not in type(m).__dict__ and (i < 8 or type(m) is not torch.nn.Linear):
+            return None
+    if a.config._attn_implementation != NAME:
         return None
-    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    act = activation_name(mlp.act_fn)
-    params = (n1.weight, n2.weight, q_p.weight, q_p.bias, k_p.weight, k_p.bias, v_p.weight, v_p.bias, o_p.weight,
-              o_p.bias, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)  # fmt: skip
-    if (
-        act is None
-        or not all(is_accelerated(m) or type(m) is torch.nn.Linear for m in (g, u, d))
-        or not _fast(x, *params)
-    ):
+    act = activation_name(mlp._modules.get("act_fn"))
+    w = [m._parameters.get("weight") for m in parts[2:]]  # n1, n2, q, k, v, o, gate, up, down
+    b = [m._parameters.get("bias") for m in parts[4:]]  # q, k, v, o, gate, up, down
+    if act is None or not _fast(x, *w, *b):
         return None
     pe = kwargs.get("position_embeddings")
     if not isinstance(pe, tuple) or len(pe) != 2:
@@ -565,14 +576,14 @@ def _decoder_layer_fast(self, x, kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     B, S, _ = x.shape
     D = a.head_dim
-    h = rms_norm(x, n1.weight, float(n1.variance_epsilon))
-    qkv = _qkv_heads(a, h, q_p, k_p, v_p) if type(q_p.weight) is type(k_p.weight) is type(v_p.weight) else None
+    h = rms_norm(x, w[0], float(n1.variance_epsilon))
+    qkv = _qkv_heads(a, h, w[2:5], b[:3])
     if qkv is not None:
         q, k, v = qkv
     else:
-        q = linear(h, q_p.weight, q_p.bias).view(B, S, -1, D).transpose(1, 2)  # (B, Hq, S, D)
-        k = linear(h, k_p.weight, k_p.bias).view(B, S, -1, D).transpose(1, 2)  # (B, Hkv, S, D)
-        v = linear(h, v_p.weight, v_p.bias).view(B, S, -1, D).transpose(1, 2)
+        q = linear(h, w[2], b[0]).view(B, S, -1, D).transpose(1, 2)  # (B, Hq, S, D)
+        k = linear(h, w[3], b[1]).view(B, S, -1, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = linear(h, w[4], b[2]).view(B, S, -1, D).transpose(1, 2)
     tables = _rope_args(q, k, pe[0], pe[1], 1)
     if tables is None:
         return None  # (nothing written yet: the original forward starts over)
@@ -583,10 +594,9 @@ def _decoder_layer_fast(self, x, kwargs):
         k, v = cache.update(k, v, a.layer_idx, kwargs=rest)
     o, _ = fastllm_attention_forward(a, q, k, v, kwargs.get("attention_mask"), dropout=0.0, scaling=a.scaling,
                                      sliding_window=getattr(a, "sliding_window", None))  # fmt: skip
-    x = linear(o.reshape(B, S, -1), o_p.weight, o_p.bias, residual=x)  # x + o_proj(attention)
-    h = rms_norm(x, n2.weight, float(n2.variance_epsilon))
-    return x + fused_gated_ffn(h, g.weight, u.weight, d.weight, b_gate=g.bias, b_up=u.bias, b_down=d.bias,
-                               activation=act)  # fmt: skip
+    x = linear(o.reshape(B, S, -1), w[5], b[3], residual=x)  # x + o_proj(attention)
+    h = rms_norm(x, w[1], float(n2.variance_epsilon))
+    return x + fused_gated_ffn(h, w[6], w[7], w[8], b_gate=b[4], b_up=b[5], b_down=b[6], activation=act)
 
 
 class _FastDecoderLayer:
