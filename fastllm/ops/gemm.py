@@ -619,11 +619,23 @@ def _lean_gated(x, wg, wu, wd, bg, bu, bd, activation):
         return None
     if not fused_gated_ffn_fwd.cpp_lane((x, wg, wu, wd, bg, bu, bd)):
         return None
-    x2 = x.view(M, K)
     h = x.new_empty((M, F))
     y = x.new_empty((*x.shape[:-1], N))
-    _gemm(x2, _packed_weight(wg, wu), h, mode="gated", act=activation, bias=bg, bias2=bu)
-    _gemm(h, _packed_weight(wd), y.view(M, N), bias=bd)
+    pk, pd = _packed_weight(wg, wu), _packed_weight(wd)
+    c, dt, lay = _ext._CODES, _ext.DTYPE_CODES[x.dtype], _ext._CODES["layout"]
+    nt = _ext.num_threads
+    # (the positional arguments of _pack.gemm_args, as _gated_cpp passes them)
+    _ext.C.gemm(
+        M, F, K, x.data_ptr(), K, 1, dt, pk.buf.data_ptr(), pk.code, lay[pk.layout], c["epilogue"]["gated"],
+        c["activation"][activation], h.data_ptr(), F, 0, 0 if bg is None else bg.data_ptr(),
+        0 if bu is None else bu.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, dt, 0, 0,
+        0 if pk.colsum is None else pk.colsum.data_ptr(), nt(max(M * F * K // 16, F * K // 4)),
+    )  # fmt: skip
+    _ext.C.gemm(
+        M, N, F, h.data_ptr(), F, 1, dt, pd.buf.data_ptr(), pd.code, lay[pd.layout], c["epilogue"]["plain"],
+        c["activation"]["none"], y.data_ptr(), N, 0, 0 if bd is None else bd.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        dt, 0, 0, 0 if pd.colsum is None else pd.colsum.data_ptr(), nt(max(M * N * F // 16, N * F // 4)),
+    )  # fmt: skip
     return y
 
 
