@@ -320,6 +320,23 @@ def _fwd_cpp(q, k, v, mask, kv_len, causal, bottom_right, scale):
     return out, stats
 
 
+def _lean_qkv(q, k, v, kv_len) -> bool:
+    """True when q, k, v are plain CPU tensors of one kernel dtype, 4-D with consistent shapes that _fwd_check and
+    _unsupported accept, and no key lengths: the decode call of attention_merged, checked in a few reads (the full
+    checks cost ~10 us a call in Python). False means nothing: the full checks run (and raise the errors)."""
+    T = torch.Tensor
+    if kv_len is not None or type(q) is not T or type(k) is not T or type(v) is not T:
+        return False
+    if q.dtype not in KERNEL_DTYPES or k.dtype is not q.dtype or v.dtype is not q.dtype:
+        return False
+    if not (k.is_cpu and v.is_cpu) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    return (v.shape == k.shape and Bk == B and Dk == D and 0 < D <= MAX_KERNEL_HEAD_DIM and Hkv > 0
+            and Hq % Hkv == 0 and B * Hq * Sq * Sk > 0)  # fmt: skip
+
+
 def attention_merged(q, k, v, kv_len, causal: bool, scale: float) -> torch.Tensor:
     """attention_fwd(q, k, v, None, kv_len, causal, False, scale)'s output as (B, Sq, Hq * D): the heads merged, the
     layout an output projection reads. On the direct path with the C++ kernel (inference on CPU) the kernel writes
@@ -330,7 +347,8 @@ def attention_merged(q, k, v, kv_len, causal: bool, scale: float) -> torch.Tenso
     args = (q, k, v, None, kv_len, causal, False, scale)
     B, Hq, Sq, D = q.shape
     if q.is_cpu and attention_fwd.cpp_lane(args):
-        _fwd_check(*args)
+        if not _lean_qkv(q, k, v, kv_len):  # (the common call checked in a few reads; else the full checks)
+            _fwd_check(*args)
         if _unsupported(*args) is None:
             q, k, v = _rows(q), _rows(k), _rows(v)
             Hkv, Sk = k.shape[1], k.shape[2]
