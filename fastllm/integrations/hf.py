@@ -568,7 +568,7 @@ def _decoder_layer_fast(self, x, kwargs):
     act = activation_name(mlp._modules.get("act_fn"))
     w = [m._parameters.get("weight") for m in parts[2:]]  # n1, n2, q, k, v, o, gate, up, down
     b = [m._parameters.get("bias") for m in parts[4:]]  # q, k, v, o, gate, up, down
-    if act is None or not _fast(x, *w, *b):
+    if act is None or any(t is None for t in w) or not _fast(x, *w, *b):
         return None
     pe = kwargs.get("position_embeddings")
     if not isinstance(pe, tuple) or len(pe) != 2:
