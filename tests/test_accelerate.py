@@ -506,16 +506,7 @@ def _bert(transformers, **kw):
 def test_encoders_criterion(transformers, dtype):
     """BERT (ragged padding), ViT, CLIP text (ragged padding, causal) and vision towers: last_hidden_state at every
     position."""
-    torch.manual_seed(0)
-    vit = _perturb(transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, image_size=20,
-        patch_size=4, attn_implementation="sdpa")).eval())  # fmt: skip
-    text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, vocab_size=V,
-                max_position_embeddings=40, eos_token_id=2, bos_token_id=0, pad_token_id=1)  # fmt: skip
-    vision = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=72, image_size=20,
-                  patch_size=5)  # fmt: skip
-    clip = _perturb(transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=text, vision_config=vision, projection_dim=24, attn_implementation="sdpa")).eval())  # fmt: skip
+    vit, clip = _vit_clip(transformers, "quick_gelu")
     ids = torch.randint(3, V, (3, 13), generator=torch.Generator().manual_seed(1))
     mask = _padded(3, 13, (13, 7, 2), "right")
     pixels = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(2))
@@ -827,6 +818,20 @@ def _mha_block():
     return _SelfAttention()
 
 
+def _count_fast(monkeypatch, name: str):
+    """Wrap hf.<name> (a layer's fast function): (calls it took, calls it declined), filled as the model runs."""
+    fast, fallbacks = [], []
+    real = getattr(hf, name)
+
+    def counted(self, x, kwargs):
+        y = real(self, x, kwargs)
+        (fast if y is not None else fallbacks).append(1)
+        return y
+
+    monkeypatch.setattr(hf, name, counted)
+    return fast, fallbacks
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decoder_layer_fast_path_in_generate(transformers, kind, cache, monkeypatch):
@@ -836,15 +841,7 @@ def test_decoder_layer_fast_path_in_generate(transformers, kind, cache, monkeypa
     model = _decoder(transformers, kind)
     ours = fastllm.accelerate(copy.deepcopy(model))
     assert sum(r == "decoder_layer" for _, _, r in ours.fastllm_report.replaced) == 2, ours.fastllm_report
-    fast, fallbacks = [], []
-    real = hf._decoder_layer_fast
-
-    def counted(self, x, kwargs):
-        y = real(self, x, kwargs)
-        (fast if y is not None else fallbacks).append(1)
-        return y
-
-    monkeypatch.setattr(hf, "_decoder_layer_fast", counted)
+    fast, fallbacks = _count_fast(monkeypatch, "_decoder_layer_fast")
     ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(4))
     kw = dict(attention_mask=_padded(2, 9, (9, 4), "left"), max_new_tokens=12, min_new_tokens=12, do_sample=False,
               pad_token_id=0, cache_implementation=cache)  # fmt: skip
@@ -916,7 +913,7 @@ def test_decoder_layer_fast_path_logits_bf16(transformers):
     assert_equivalent(out, e, r, "llama bf16 fused layer")
 
 
-def _vit_clip(transformers):
+def _vit_clip(transformers, vision_act: str = "gelu"):
     torch.manual_seed(0)
     vit = _perturb(transformers.ViTModel(transformers.ViTConfig(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, image_size=20,
@@ -924,7 +921,7 @@ def _vit_clip(transformers):
     text = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=88, vocab_size=V,
                 max_position_embeddings=40, eos_token_id=2, bos_token_id=0, pad_token_id=1)  # fmt: skip
     vision = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=72, image_size=20,
-                  patch_size=5, hidden_act="gelu")  # fmt: skip
+                  patch_size=5, hidden_act=vision_act)  # fmt: skip
     clip = _perturb(transformers.CLIPModel(transformers.CLIPConfig(
         text_config=text, vision_config=vision, projection_dim=24, attn_implementation="sdpa")).eval())  # fmt: skip
     return vit, clip
@@ -936,15 +933,7 @@ def test_encoder_layer_fast_path(transformers, dtype, monkeypatch):
     padding; vision: quick_gelu and gelu) at inference (counted), within the criterion of the float64 model; a
     hook on a submodule, grad mode and training each make the layer take its original forward."""
     vit, clip = _vit_clip(transformers)
-    fast, fallbacks = [], []
-    real = hf._encoder_layer_fast
-
-    def counted(self, x, kwargs):
-        y = real(self, x, kwargs)
-        (fast if y is not None else fallbacks).append(1)
-        return y
-
-    monkeypatch.setattr(hf, "_encoder_layer_fast", counted)
+    fast, fallbacks = _count_fast(monkeypatch, "_encoder_layer_fast")
     ids = torch.randint(3, V, (3, 13), generator=torch.Generator().manual_seed(1))
     mask = _padded(3, 13, (13, 6, 1), "right")
     pixels = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(2))
