@@ -4,6 +4,7 @@ weight-cache staleness, opcheck, torch.compile, saved-activation memory and bad 
 have their own interpreter tests (test_gemm_triton.py)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -267,11 +268,20 @@ def test_weight_cache_is_dropped_with_the_weight():
     assert len(_pack._cache) == 0
 
 
-def test_inference_tensor_weights():
+def test_inference_tensor_weights(monkeypatch):
+    """A weight that is an inference tensor: the right result, repacked on every call (never cached: an in-place
+    write under inference_mode would go unseen), and a warning that says so, once per process."""
+    monkeypatch.setattr(_pack, "_warned_inference", False)
     with torch.inference_mode():
         w = torch.randn(24, 40)
         x = torch.randn(3, 40)
-        torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        with pytest.warns(UserWarning, match="inference tensor"):
+            torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        w.mul_(2.0)  # (in place, no version counter: the next call must see it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (once per process: no second warning)
+            torch.testing.assert_close(fastllm.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert not any(k[0][0] == w.data_ptr() for k in _pack._cache)
 
 
 def test_saved_activation_memory():

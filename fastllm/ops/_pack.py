@@ -8,6 +8,7 @@ is dropped when the weight is freed (a weak reference). Writes through `weight.d
 torch.inference_mode) have no version counter and are packed on every call.
 """
 
+import warnings
 import weakref
 
 import torch
@@ -56,6 +57,25 @@ def pack(src, src2, K, N, s_k, s_n, layout: str) -> Packed:
     return Packed(buf, pcode, K, N, gated, layout, colsum)
 
 
+_warned_inference = False
+
+
+def _warn_inference_weight() -> None:
+    """Once per process: a weight that is an inference tensor is repacked on every call (measured: a SmolLM2-shaped
+    decode step ~25% slower), which a user would otherwise only see as a slow model. Caching it by identity instead
+    would serve a stale copy after an in-place write under inference_mode (load_state_dict into a model built
+    there), so the cost stays and is said."""
+    global _warned_inference
+    if not _warned_inference:
+        _warned_inference = True
+        warnings.warn(
+            "fastllm: a weight is an inference tensor (created under torch.inference_mode): without a version counter "
+            "its packed copy cannot be cached, so it is repacked on every call. Create or load the model outside "
+            "inference_mode (and run it inside) for the cached path.",
+            stacklevel=4,
+        )
+
+
 def _key(w):
     return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
 
@@ -79,6 +99,7 @@ def cached_weight(w: torch.Tensor, w2: torch.Tensor | None, layout: str) -> Pack
     try:
         versions = tuple(t._version for t in ws)
     except RuntimeError:  # inference tensors have no version counter: never cache them
+        _warn_inference_weight()
         return pack(w, w2, K, N, w.stride(1), w.stride(0), layout)
     key = (*(_key(t) for t in ws), layout)
     hit = _cache.get(key)

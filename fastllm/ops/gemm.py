@@ -28,7 +28,8 @@ copy is cached, keyed by the weight's data pointer, shape, strides, dtype and ve
 when the weight is freed: an in-place update (optimizer step, `copy_`, `add_` under no_grad) bumps the
 version and the next call repacks. Writes through `weight.data` do not bump the version (a torch property
 of `.data`); after such writes call `fastllm.clear_weight_cache()`. Weights that are inference tensors
-(created under torch.inference_mode) have no version counter and are packed on every call.
+(created under torch.inference_mode) have no version counter and are packed on every call (a warning
+says so, once per process).
 """
 
 import math
