@@ -854,7 +854,7 @@ def test_decoder_layer_fast_path_in_generate(transformers, kind, cache, monkeypa
     fast.clear()
     with torch.inference_mode():
         assert torch.equal(ours.generate(ids, **kw), want)
-    assert len(fallbacks) == 12 and len(fast) == 12 and len(seen) == 12
+    assert not fallbacks and len(fast) == 12 and len(seen) == 12  # (the hooked layer: its original forward, whole)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -863,6 +863,8 @@ def test_decoder_layer_one_qkv_gemm(transformers, kind, monkeypatch):
     with the three biases): logits bit-identical to the three linears' (explain runs those: same kernel per column),
     the packed operand kept once per layer, repacked after an in-place update, dropped by restore; the model still
     pickles; weights that are inference tensors take the three linears."""
+    if fastllm._ext.C is None:
+        pytest.skip("the one-GEMM q/k/v is the C++ kernel's path (FASTLLM_NO_CPP=1: the three linears, tested above)")
     model = _decoder(transformers, kind)
     ours = fastllm.accelerate(copy.deepcopy(model))
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -956,13 +958,13 @@ def test_encoder_layer_fast_path(transformers, dtype, monkeypatch):
             handle = mlp.register_forward_hook(lambda m, i, o: None)
             assert_equivalent(run(ours, dtype), e, r, f"{name} {dtype} hooked")
             handle.remove()
-            assert len(fallbacks) == 1 and len(fast) == 3, name  # (the hooked layer only)
+            assert not fallbacks and len(fast) == 3, name  # (the hooked layer: its original forward, whole)
             ours.train()  # (dropout p = 0: the same values; the original forward all the same)
             assert_equivalent(run(ours, dtype), e, r, f"{name} {dtype} train mode")
             ours.eval()
-            assert len(fallbacks) == 3 and len(fast) == 3, name
+            assert len(fallbacks) == 2 and len(fast) == 3, name
         run(ours, dtype).float().sum().backward()  # grad mode: the original forwards; gradients reach the weights
-        assert len(fallbacks) == 5 and len(fast) == 3, name
+        assert len(fallbacks) == 4 and len(fast) == 3, name
         assert mlp.fc1.weight.grad is not None and torch.isfinite(mlp.fc1.weight.grad).all()
         fallbacks.clear()
 

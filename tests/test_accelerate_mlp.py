@@ -72,6 +72,25 @@ def _inputs(kind, n_in, dtype, requires_grad=False):
     return [x.to(dtype).requires_grad_(requires_grad) for x in xs]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlp_hook_on_a_child_runs(kind):
+    """A forward hook on a child the fused rule computes itself (its first linear / Conv1D) runs as often, and sees
+    the same values, as without accelerate: the module takes its original forward while the hook is there."""
+    m, n_in = _module(kind)
+    ours = fastllm.accelerate(copy.deepcopy(m))
+    child = next(n for n, c in m.named_children() if isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D")
+    seen = {"want": [], "got": []}
+    for key, mod in (("want", m), ("got", ours)):
+        handle = mod.get_submodule(child).register_forward_hook(lambda _m, i, o, key=key: seen[key].append(o))
+        with torch.no_grad():
+            out = mod(*_inputs(kind, n_in, torch.float32))
+        handle.remove()
+        seen[key + "_out"] = out
+    assert len(seen["got"]) == len(seen["want"]) == 1, (kind, child)
+    torch.testing.assert_close(seen["got"][0], seen["want"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["got_out"], seen["want_out"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mlp_module_criterion(kind, dtype):

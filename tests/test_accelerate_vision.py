@@ -302,3 +302,44 @@ def test_torchvision_state():
         assert conftest.TORCHVISION != "absent"
     if conftest.TORCHVISION != "absent":
         import torchvision.transforms  # noqa: F401
+
+
+# ==================================================================================================
+# Hooks below a fused module
+
+
+def _hook_outputs(model, path: str, run):
+    """Outputs seen by a forward hook on model.<path> during run(model), and run's result."""
+    seen = []
+    handle = model.get_submodule(path).register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            out = run(model)
+    finally:
+        handle.remove()
+    return seen, out
+
+
+def test_hooks_below_fused_blocks_run(timm, open_clip):
+    """A forward hook on a module that a fused block would compute itself (timm's Block -> attn.qkv and mlp.fc1,
+    open_clip's block -> mlp.c_fc, a torch.nn encoder layer -> linear1) runs, as often and with the same values as
+    without accelerate: the block takes its original forward while the hook is there (engine.hooks_below), and
+    the fast path again once it is removed."""
+    vit, clip = _vit(timm), _clip(open_clip)
+    layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    px = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    cases = [(vit, "blocks.0.attn.qkv", lambda m: m(px)), (vit, "blocks.1.mlp.fc1", lambda m: m(px)),
+             (clip, "visual.transformer.resblocks.0.mlp.c_fc", lambda m: m.encode_image(px)),
+             (enc, "layers.1.linear1", lambda m: m(x))]  # fmt: skip
+    for model, path, run in cases:
+        ours = fastllm.accelerate(copy.deepcopy(model))
+        want, out_want = _hook_outputs(model, path, run)
+        got, out = _hook_outputs(ours, path, run)
+        assert len(got) == len(want) == 1, (path, len(got), len(want))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)  # (fp32; the criterion: the tests above)
+        torch.testing.assert_close(out, out_want, rtol=1e-4, atol=1e-4)
+        fastllm.accelerate(ours)  # (idempotent) and without the hook: the fused path computes the same
+        with torch.no_grad():
+            torch.testing.assert_close(run(ours), out_want, rtol=1e-4, atol=1e-4)

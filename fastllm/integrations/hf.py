@@ -50,7 +50,6 @@ import warnings
 import weakref
 
 import torch
-from torch.nn.modules import module as nn_module
 
 from fastllm import _ext
 from fastllm.integrations.engine import Rule, is_accelerated, original_forward, swap
@@ -298,7 +297,8 @@ def _rope_mixin(cls):
             return rebuilt(self, *args, **kwargs)
 
         forward.__wrapped__ = rebuilt
-        mixin = type("_FastRopeAttention", (), {"forward": forward})
+        # (transformers' own forward: its projections run as modules, their hooks with them)
+        mixin = type("_FastRopeAttention", (), {"forward": forward, "_fastllm_children_as_modules": True})
         _ROPE_MIXINS[cls] = mixin
     return mixin
 
@@ -459,9 +459,10 @@ def _undo_model(m) -> None:
 # own cos / sin, `cache.update` (transformers' cache object, any class), the "fastllm" attention function (the
 # mask transformers built), o_proj with the residual in its epilogue, rms_norm, the gated MLP, the residual add.
 # It runs only when every part is fastllm's (the submodules accelerated by the rows above, their classes checked
-# per call), for inference (grad disabled, eval), with no hooks on the layer or its submodules (transformers'
-# output capturing uses hooks), the "fastllm" attention implementation, and only the keyword arguments it knows;
-# anything else is the layer's original forward (exact: the same submodules, through their own forwards).
+# per call), for inference (grad disabled, eval), with no hooks below the layer (transformers' output capturing uses
+# hooks; engine.hooks_below, checked by every Fast class's forward), the "fastllm" attention implementation, and
+# only the keyword arguments it knows; anything else is the layer's original forward (exact: the same
+# submodules, through their own forwards).
 # Decision: this copies the sequence of transformers 5.x's decoder layer; the check at accelerate time reads the
 # structure it relies on (the submodules and their attributes, `apply_rotary_pos_emb` and `cache.update` in the
 # attention's code) and declines otherwise.
@@ -471,12 +472,6 @@ _LAYER_KWARGS = frozenset(("attention_mask", "position_ids", "cache", "past_key_
 _HF_DECODER_LAYERS = frozenset((f"transformers.models.{f}.modeling_{f}", f"{c}DecoderLayer")
                                for f, c in (("llama", "Llama"), ("mistral", "Mistral"),
                                             ("qwen2", "Qwen2")))  # fmt: skip
-
-
-def _hooked(*mods) -> bool:
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 
 # attention module -> its packed [Wq; Wk; Wv] and what it was packed from (not in the module's __dict__, where
@@ -552,15 +547,13 @@ def _decoder_layer_fast(self, x, kwargs):
     """The layer's output through fastllm's ops, or None (the original forward then runs)."""
     if torch.is_grad_enabled() or self.training or not _LAYER_KWARGS.issuperset(kwargs) or x.dim() != 3:
         return None
-    if torch.compiler.is_compiling() or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if torch.compiler.is_compiling():
         return None
-    parts = _parts(self)
-    if parts is None or self._forward_hooks or self._forward_pre_hooks:
+    parts = _parts(self)  # (hooks below the layer: its guarded forward ran the original instead, engine.hooks_below)
+    if parts is None:
         return None
     a, mlp, n1, n2 = parts[:4]
     for i, m in enumerate(parts):  # (the first eight accelerated; gate / up / down accelerated or nn.Linear)
-        if m._forward_hooks or m._forward_pre_hooks:
-            return None
         if "_fastllm_original" not in type(m).__dict__ and (i < 8 or type(m) is not torch.nn.Linear):
             return None
     if a.config._attn_implementation != NAME:
@@ -637,9 +630,9 @@ def _check_decoder_layer(m) -> str | None:
 # makes the whole layer fastllm calls: layer_norm, q / k / v linear, the "fastllm" attention function (the mask
 # transformers built; CLIP's text tower passes is_causal), o_proj with the residual in its epilogue, layer_norm, fc1
 # with the activation in its epilogue, fc2 with the residual in its epilogue (the adds cost no pass of their own,
-# as in timm's Block rule). Same conditions as the decoder layer: inference (grad disabled, eval),
-# every submodule accelerated (the norm / mlp flags on), no hooks, the "fastllm" attention implementation, only the
-# keyword arguments it knows; anything else is the layer's original forward, exactly.
+# as in timm's Block rule). Same conditions as the decoder layer: inference (grad disabled, eval), every submodule
+# accelerated (the norm / mlp flags on), no hooks below it, the "fastllm" attention implementation, only the keyword
+# arguments it knows; anything else is the layer's original forward, exactly.
 
 # (module, class) -> the attribute names (norm1, attention, norm2, mlp, the attention's o projection, its scale)
 _HF_ENCODER_LAYERS = {
@@ -665,8 +658,6 @@ def _encoder_layer_fast(self, x, kwargs):
         return None
     if not all(type(m) is torch.nn.Linear for m in (q_p, k_p, v_p, o_p, fc1, fc2)) or a.training or mlp.training:
         return None  # (fastllm.quantize_'s Int8Linear, or a layer replaced since; dropout in training)
-    if _hooked(self, n1, a, n2, mlp, q_p, k_p, v_p, o_p, fc1, fc2):
-        return None
     act = activation_name(mlp.activation_fn)
     params = (n1.weight, n1.bias, n2.weight, n2.bias, q_p.weight, q_p.bias, k_p.weight, k_p.bias, v_p.weight,
               v_p.bias, o_p.weight, o_p.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # fmt: skip

@@ -37,7 +37,7 @@ import weakref
 import torch
 from torch import nn
 
-from fastllm.integrations.engine import Rule, swap
+from fastllm.integrations.engine import Rule, hooks_below, swap
 from fastllm.ops.gemm import fused_ffn, fused_gated_ffn, linear
 from fastllm.ops.layer_norm import layer_norm
 
@@ -191,7 +191,9 @@ class _FastDistilBertFFN:
     apply_chunking_to_forward (chunk_size_feed_forward) around it."""
 
     def ff_chunk(self, input: torch.Tensor) -> torch.Tensor:
-        y = _ffn(input, self.lin1, self.lin2, self.activation) if _dropout_off(self.dropout) else None
+        # (no forward of its own, so no guard: a hook below, on lin1 / lin2, is checked here)
+        fast = _dropout_off(self.dropout) and not hooks_below(self)
+        y = _ffn(input, self.lin1, self.lin2, self.activation) if fast else None
         return y if y is not None else type(self)._fastllm_original.ff_chunk(self, input)
 
 

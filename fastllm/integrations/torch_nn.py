@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastllm.integrations.engine import Rule, original_forward, swap
+from fastllm.integrations.engine import Rule, hooks_below, original_forward, swap
 from fastllm.ops.attention import attention_merged, scaled_dot_product_attention
 from fastllm.ops.gemm import fused_ffn, linear
 from fastllm.ops.layer_norm import layer_norm, rms_norm
@@ -213,15 +213,24 @@ def _layer_activation(act) -> str | None:
 class _FastFeedForward:
     """The feed-forward block of nn.TransformerEncoderLayer / DecoderLayer, linear2(dropout(act(linear1(x)))) then
     the block's last dropout, as one fastllm.fused_ffn; torch's own _ff_block when a dropout is active (training,
-    p > 0), the activation is not one the op has, a linear was replaced (quantize_), or the dtypes mix."""
+    p > 0), the activation is not one the op has, a linear was replaced (quantize_), the dtypes mix, or a hook is
+    registered below the layer (the layer's original forward calls this method too: the guard of its forward alone
+    would not keep the hook's module running)."""
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         l1, l2 = self.linear1, self.linear2
         act = _layer_activation(self.activation)
         drop = self.training and any(getattr(self, n).p > 0.0 for n in ("dropout", "dropout2", "dropout3")
                                      if isinstance(getattr(self, n, None), nn.Dropout))  # fmt: skip
-        if (act is None or drop or type(l1) is not nn.Linear or type(l2) is not nn.Linear or x.is_nested
-                or not _same_dtype(x, l1.weight, l1.bias, l2.weight, l2.bias)):  # fmt: skip
+        if (
+            act is None
+            or drop
+            or type(l1) is not nn.Linear
+            or type(l2) is not nn.Linear
+            or x.is_nested
+            or not _same_dtype(x, l1.weight, l1.bias, l2.weight, l2.bias)
+            or hooks_below(self)
+        ):  # fmt: skip  (a hook on linear1 / linear2 runs in torch's own block)
             return type(self)._fastllm_original._ff_block(self, x)
         return fused_ffn(x, l1.weight, l2.weight, b1=l1.bias, b2=l2.bias, activation=act)  # (..., d_model)
 
