@@ -296,12 +296,14 @@ def op_ranges():
 
 @contextlib.contextmanager
 def module_ranges(model):
-    """While active: each submodule's forward is inside a range "module: <Class> (<path>)"."""
+    """While active: each submodule's forward is inside a range "module: <Class> (<path>)", except below a module that
+    fastllm.accelerate fused (its children do not run as modules on its fast path; a hook on one would make it take
+    its original forward, engine.hooks_below, and the profiled call would not be the one timed)."""
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         yield
         return
     handles, stacks = [], {}
-    for path, m in model.named_modules():
+    for path, m in _ranged_modules(model):
         name = f"module: {type(m).__name__} ({path or 'model'})"
 
         def pre(mod, args, _name=name):
@@ -320,6 +322,23 @@ def module_ranges(model):
     finally:
         for h in handles:
             h.remove()
+
+
+def _ranged_modules(model) -> list:
+    """(path, module) of model and its submodules, each once, not descending into a fused accelerated module."""
+    from fastllm.integrations.engine import is_accelerated
+
+    out, seen, stack = [], set(), [("", model)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append((path, m))
+        if is_accelerated(m) and not getattr(type(m), "_fastllm_children_as_modules", False):
+            continue
+        stack.extend((f"{path}.{n}" if path else n, c) for n, c in reversed(m._modules.items()) if c is not None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- categories

@@ -1,6 +1,7 @@
 """`python -m fastllm bench` / `profile` and fastllm.profile at tiny sizes: exit codes, the table, the JSON / CSV
 schema, the PNGs, the profile's categories against its measured total, one-line errors with exit code 2."""
 
+import copy
 import csv
 import json
 import os
@@ -196,6 +197,37 @@ def _tiny_bert():
     model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     ids = torch.randint(0, 1000, (2, 32))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_profile_keeps_the_fused_path(tmp_path, monkeypatch):
+    """The profiled call of an accelerated model is the fused one that was timed: module ranges stop at a fused
+    module (a hook below it would make it take its original forward), and its ops are named by the op ranges."""
+    transformers = pytest.importorskip("transformers")
+    from fastllm.integrations import hf
+    from fastllm.profiling import _ranged_modules
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                 image_size=16, patch_size=4)  # fmt: skip
+    model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    px = torch.randn(2, 3, 16, 16)
+    ours = fastllm.accelerate(copy.deepcopy(model))
+    paths = [p for p, _ in _ranged_modules(ours)]
+    assert "layers.0" in paths and not any(p.startswith("layers.0.") for p in paths), paths
+    calls = []
+    real = hf._encoder_layer_fast
+
+    def counted(*a):
+        y = real(*a)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(hf, "_encoder_layer_fast", counted)
+    res = fastllm.profile(model, {"pixel_values": px}, rounds=1, trace_dir=tmp_path,
+                          variants={"eager": model, "fastllm.accelerate": ours})  # fmt: skip
+    assert res.variant("fastllm.accelerate").error is None and calls and all(calls), calls
+    trace = Path(res.variant("fastllm.accelerate").trace).read_text()
+    assert "module: FastViTLayer (layers.0)" in trace and "fastllm::linear" in trace
 
 
 def test_profile_api_categories_sum_to_the_measured_total(tmp_path):
