@@ -32,6 +32,11 @@ Rotary: the Llama / Mistral / Qwen2 attention modules rotate q and k with fastll
 
 MLPs and BERT's output projection + residual + post-norm: fastllm/integrations/hf_mlp.py.
 
+Whole layers at inference (the sections below): the Llama / Mistral / Qwen2 decoder layer (q / k / v in one GEMM
+over the packed [Wq; Wk; Wv], rotary, cache.update, attention, o_proj + residual, norm, gated MLP) and the ViT /
+CLIP pre-norm encoder layer (both residual adds in GEMM epilogues), each one function of fastllm calls; anything
+the function does not take (grad, training, hooks below the layer, other kwargs) runs the layer's own forward.
+
 Norms: LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm -> fastllm.rms_norm. HF computes x * rsqrt(mean(x^2) + eps)
 in fp32, rounds it to x's dtype, then multiplies by the weight (a second rounding in 16-bit); fastllm.rms_norm
 rounds once. Both are within the criterion of the float64 reference (tests/test_accelerate.py checks it in bf16).
