@@ -17,9 +17,9 @@ Hooks: a Fast class computes its children's work itself (a fused MLP never calls
 hook or pre-hook on a child (transformers' output capturing, a user's activation probe), or a global module hook,
 would silently not run. Every Fast forward therefore checks, per call, that no module below it and no global
 module hook is registered, and otherwise runs the original forward (its children then run as modules, with their
-hooks). Hooks on the Fast module itself need nothing: they wrap whichever forward runs. (A mixin whose forward calls
-its children as modules says so, `_fastllm_children_as_modules = True`, and is not guarded.) (~1 us for a leaf module,
-~3-5 us for a decoder layer's eleven children.)
+hooks). Hooks on the Fast module itself need nothing: they wrap whichever forward runs. The check costs ~1 us for a
+leaf module, ~3-5 us for a decoder layer's eleven children. A mixin whose forward calls its children as modules says
+so (`_fastllm_children_as_modules = True`) and is not guarded; fastllm.profile's module ranges descend into it.
 
 Model-level rules (transformers' attention) do not swap a class: they switch the model's attention implementation
 to the "fastllm" entry of transformers' AttentionInterface and record the previous value for `restore`.
@@ -89,12 +89,13 @@ def hooks_below(module: nn.Module) -> bool:
     return False
 
 
-def _guarded(fast_forward, orig_forward):
-    """The Fast class's forward: its own, or the original class's when a hook below would be skipped."""
+def _guarded(fast_forward):
+    """The Fast class's forward: its own, or the original class's when a hook below would be skipped (the original
+    class's forward read at call time, as original_forward does: a library may patch it after accelerate)."""
 
     def forward(self, *args, **kwargs):
         if hooks_below(self):
-            return orig_forward(self, *args, **kwargs)
+            return type(self)._fastllm_original.forward(self, *args, **kwargs)
         return fast_forward(self, *args, **kwargs)
 
     forward.__doc__ = fast_forward.__doc__
@@ -116,7 +117,7 @@ def fast_class(orig: type, mixin: type) -> type:
         attrs = {"_fastllm_original": orig, "__module__": __name__, "__qualname__": name}
         fast_forward = getattr(mixin, "forward", None)
         if fast_forward is not None and not getattr(mixin, "_fastllm_children_as_modules", False):
-            attrs["forward"] = _guarded(fast_forward, orig.forward)
+            attrs["forward"] = _guarded(fast_forward)
         cls = type(name, (mixin, orig), attrs)
         setattr(mod, name, cls)
         _FAST[orig] = cls

@@ -275,8 +275,10 @@ def _set_nested(self, value) -> None:
 
 class _FastTransformerEncoder:
     # TransformerEncoder.forward converts a padded batch to a nested tensor when `use_nested_tensor` is True, for
-    # torch's native layer kernel; the accelerated layers take the padded batch and its mask instead.
+    # torch's native layer kernel; the accelerated layers take the padded batch and its mask instead. (Its layers
+    # run as modules: fastllm.profile's module ranges descend into it.)
     use_nested_tensor = property(lambda self: False, _set_nested)
+    _fastllm_children_as_modules = True
 
 
 def _no_check(m) -> str | None:
