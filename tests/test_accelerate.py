@@ -1011,6 +1011,29 @@ def test_accelerate_triton_path_llama(transformers):
     assert_equivalent(out, e, r, "llama on triton")
 
 
+def test_accelerate_triton_path_vit_clip(transformers):
+    """The HF encoder layers (ViT, CLIP text with padding + causal, CLIP vision) through the fused encoder-layer path on
+    the Triton kernels (CUDA when there is one, else the interpreter): every fastllm call runs Triton, the outputs
+    within the criterion. Named *triton*: benchmarks/gpu_check.sh runs it."""
+    vit, clip = _vit_clip(transformers)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = _padded(2, 9, (9, 5), "right")
+    pixels = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    for name, model, run in (
+        ("vit", vit, lambda m, dev: m(pixels.to(dev)).last_hidden_state),
+        ("clip text", clip, lambda m, dev: m.text_model(ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state),
+        ("clip vision", clip, lambda m, dev: m.vision_model(pixels.to(dev)).last_hidden_state),
+    ):
+        ref = _hf64(model)
+        ours = fastllm.accelerate(copy.deepcopy(model).to(DEVICE))
+        with torch.inference_mode(), fastllm.backend("triton"), fastllm.explain() as log:
+            out = run(ours, DEVICE).cpu()
+        with torch.inference_mode():
+            e, r = run(model, "cpu"), run(ref, "cpu")
+        assert log and all(d.backend == "triton" for d in log), [str(d) for d in log if d.backend != "triton"]
+        assert_equivalent(out, e, r, f"{name} on triton")
+
+
 def test_decoder_layer_follows_weight_updates(transformers):
     """The fused layer reads the projections' current weights (the packed copies are rebuilt when a weight is
     updated in place or replaced): the logits follow the unpatched model's after each change."""
