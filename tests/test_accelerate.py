@@ -819,12 +819,13 @@ def _mha_block():
 
 
 def _count_fast(monkeypatch, name: str):
-    """Wrap hf.<name> (a layer's fast function): (calls it took, calls it declined), filled as the model runs."""
+    """Wrap hf.<name> (a fast function that returns None to decline): (calls it took, calls it declined), filled as
+    the model runs."""
     fast, fallbacks = [], []
     real = getattr(hf, name)
 
-    def counted(self, x, kwargs):
-        y = real(self, x, kwargs)
+    def counted(*args):
+        y = real(*args)
         (fast if y is not None else fallbacks).append(1)
         return y
 
@@ -868,21 +869,13 @@ def test_decoder_layer_one_qkv_gemm(transformers, kind, monkeypatch):
     model = _decoder(transformers, kind)
     ours = fastllm.accelerate(copy.deepcopy(model))
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
-    taken = []
-    real = hf._qkv_heads
-
-    def counted(*a):
-        y = real(*a)
-        taken.append(y is not None)
-        return y
-
-    monkeypatch.setattr(hf, "_qkv_heads", counted)
+    taken, declined = _count_fast(monkeypatch, "_qkv_heads")
     with torch.inference_mode():
         got = ours(ids).logits
         with fastllm.explain():  # (no lane under explain: the three linears)
             three = ours(ids).logits
         want = model(ids).logits
-    assert taken[:2] == [True, True] and torch.equal(got, three), taken
+    assert len(taken) == 2 and len(declined) == 2 and torch.equal(got, three), (taken, declined)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # (the float64 criterion: the tests above)
     attn = ours.model.layers[0].self_attn
     packed = hf._QKV[attn][4]
@@ -904,9 +897,9 @@ def test_decoder_layer_one_qkv_gemm(transformers, kind, monkeypatch):
         for m in inf.modules():
             for n, p in list(m.named_parameters(recurse=False)):
                 setattr(m, n, nn.Parameter(p.detach().clone(), requires_grad=False))  # (inference tensors)
-        taken.clear()
+        taken.clear(), declined.clear()
         torch.testing.assert_close(inf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
-    assert taken and not any(taken), taken
+    assert declined and not taken, (taken, declined)
 
 
 def test_decoder_layer_fast_path_logits_bf16(transformers):
