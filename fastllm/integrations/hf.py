@@ -104,10 +104,10 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = q_len > 1 and attention_mask is None and bool(causal)  # (sdpa_attention_forward's rule)
     if query.is_cpu and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
-        lens, mask_causal = (None, False) if attention_mask is None else _kv_len(attention_mask, *query.shape[:3],
-                                                                                 key.shape[2])  # fmt: skip
+        B, Sk = query.shape[0], key.shape[2]
+        lens, mask_causal = (None, False) if attention_mask is None else _kv_len(attention_mask, B, q_len, Sk)
         if attention_mask is None or lens is not None:
-            B, Hq, D = query.shape[0], query.shape[1], query.shape[3]
+            Hq, D = query.shape[1], query.shape[3]
             scale = scaling if scaling is not None else D**-0.5
             out = attention_merged(query, key, value, None if lens is True else lens, causal or mask_causal, scale)
             return out.view(B, q_len, Hq, D), None
@@ -122,7 +122,7 @@ def fastllm_attention_forward(module, query, key, value, attention_mask, dropout
 _KV_LENS: dict = {}
 
 
-def _kv_len(mask: torch.Tensor, B: int, H: int, Sq: int, Sk: int):
+def _kv_len(mask: torch.Tensor, B: int, Sq: int, Sk: int):
     """(lens, causal) for the bool mask (B, 1, Sq or 1, Sk): lens the (B,) int32 key lengths when the mask is right
     padding only (every query row of batch b sees exactly the keys j < len[b]: a bidirectional encoder's padding
     mask, what tokenizers write), True when it hides nothing, else None (the masked path); causal True when the mask
@@ -131,7 +131,7 @@ def _kv_len(mask: torch.Tensor, B: int, H: int, Sq: int, Sk: int):
     (fastllm.nn.encoder.key_lengths, the zoo's decision: bit-identical for finite inputs; a NaN / Inf in a padding
     position's key or value is not read, where the masked path would multiply it by 0) and the kernel writes the
     merged-heads layout transformers reshapes next (no transpose copy). Inference only: the kernels' kv_len has no
-    backward. (H is not read: the signature takes query.shape[:3].)"""
+    backward."""
     version = -1 if mask.is_inference() else mask._version  # (an inference tensor has no version counter: the
     hit = _KV_LENS.get(id(mask))  # mask object itself is the key while it lives, as within one forward)
     if hit is not None and hit[0]() is mask and hit[1] == version:
